@@ -1,0 +1,206 @@
+"""The one place that knows about accelerator kinds: cpu (gloo), cuda (nccl) and npu (hccl, through torch_npu).
+
+Everything else asks a `Device` for the torch device, the process-group backend, memory figures, the autocast dtype
+and the peak FLOPS that MFU is measured against. The literal accelerator names live only in this file (a test checks
+that), so adding a device means adding one entry here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import resource
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+from models.config import ConfigError
+
+CPU, CUDA, NPU = "cpu", "cuda", "npu"
+DEVICE_KINDS = ("auto", CPU, CUDA, NPU)
+
+
+class DeviceError(ConfigError):
+    """The requested device cannot be used here. One line naming the device and the fix."""
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """Dense BF16 peak of one device (the unit a rank drives) and where the figure comes from."""
+
+    flops: float
+    source: str
+
+
+# Dense (not sparse) BF16 peaks per device. On Ascend 910C a device is one of the package's two dies.
+# Keys are matched as substrings of the name the runtime reports, most specific first.
+PEAK_BF16_FLOPS: tuple[tuple[str, PeakFlops], ...] = (
+    # 910C ("Ascend910_93xx" SoC names): ~752 TFLOPS per package, two dies.
+    ("Ascend910_93", PeakFlops(376e12, "Ascend 910C per die: 752 TFLOPS/package / 2, arXiv 2506.12708")),
+    ("Ascend910B", PeakFlops(353.9e12, "Ascend 910B2: 24 cube cores at 1.8 GHz, CANN ops-nn issue 6033")),
+    ("B200", PeakFlops(2.25e15, "NVIDIA HGX B200 datasheet, dense BF16")),
+    ("H800", PeakFlops(989e12, "H800 SXM: H100 compute, DeepSeek-V3 report s3.2.2")),
+    ("H100 PCIe", PeakFlops(756e12, "NVIDIA H100 PCIe datasheet, dense BF16")),
+    ("H100 NVL", PeakFlops(835e12, "NVIDIA H100 NVL datasheet, dense BF16")),
+    ("H100", PeakFlops(989e12, "NVIDIA H100 SXM datasheet, dense BF16")),
+    ("H200", PeakFlops(989e12, "NVIDIA H200 datasheet, dense BF16")),
+    ("A100", PeakFlops(312e12, "NVIDIA A100 datasheet, dense BF16")),
+)
+
+
+def lookup_peak_flops(device_name: str) -> Optional[PeakFlops]:
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
+    """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: first call pays for allocation and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class Device:
+    """What one rank needs to know about its accelerator kind."""
+
+    def __init__(self, kind: str, module: Optional[ModuleType] = None) -> None:
+        self.kind = kind
+        self.module = module  # torch.cuda / torch.npu; None on CPU
+
+    # ---- identity -------------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """torch.distributed backend for this device kind."""
+        return {CPU: "gloo", CUDA: "nccl", NPU: "hccl"}[self.kind]
+
+    @property
+    def visible_devices_env(self) -> Optional[str]:
+        """Environment variable that restricts which devices a process sees."""
+        return {CPU: None, CUDA: "CUDA_VISIBLE_DEVICES", NPU: "ASCEND_RT_VISIBLE_DEVICES"}[self.kind]
+
+    def name(self) -> str:
+        if self.module is None:
+            return "cpu"
+        return str(self.module.get_device_name())
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        return torch.device(CPU) if self.module is None else torch.device(self.kind, local_rank)
+
+    def device_count(self) -> int:
+        return 1 if self.module is None else int(self.module.device_count())
+
+    # ---- runtime --------------------------------------------------------------------------------------------
+
+    def set_device(self, local_rank: int) -> None:
+        if self.module is not None:
+            self.module.set_device(local_rank)
+
+    def synchronize(self) -> None:
+        if self.module is not None:
+            self.module.synchronize()
+
+    def max_memory_bytes(self) -> int:
+        """Peak memory of this rank: allocator peak on an accelerator, peak resident set size on CPU."""
+        if self.module is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return int(self.module.max_memory_allocated())
+
+    def rng_state(self) -> Optional[torch.Tensor]:
+        return None if self.module is None else self.module.get_rng_state()
+
+    def set_rng_state(self, state: Optional[torch.Tensor]) -> None:
+        if self.module is not None and state is not None:
+            self.module.set_rng_state(state)
+
+    # ---- precision and speed --------------------------------------------------------------------------------
+
+    def supports_bf16(self) -> bool:
+        if self.kind == CPU:
+            # oneDNN runs bf16 natively only on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and slow.
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if self.kind == CUDA:
+            return bool(self.module.is_bf16_supported())
+        return True  # every Ascend 910 generation computes BF16 in its cube units
+
+    def autocast(self, dtype: Optional[torch.dtype]) -> Any:
+        """Autocast context for the forward pass; a no-op context when dtype is None (full fp32)."""
+        return torch.autocast(device_type=self.kind, dtype=dtype, enabled=dtype is not None)
+
+    def peak_flops(self, dtype: torch.dtype = torch.bfloat16) -> PeakFlops:
+        """Peak that MFU divides by. Accelerators: the datasheet dense BF16 figure. CPU: a measured matmul rate in
+        the training dtype, since no datasheet number is meaningful for an arbitrary CPU and thread count."""
+        if self.module is None:
+            rate = measure_matmul_flops(dtype)
+            return PeakFlops(rate, f"measured {dtype} 1024^3 matmul on this CPU, {torch.get_num_threads()} threads")
+        peak = lookup_peak_flops(self.name())
+        if peak is None:
+            return PeakFlops(float("nan"), f"unknown device '{self.name()}': add it to launch.device.PEAK_BF16_FLOPS")
+        return peak
+
+    def __repr__(self) -> str:
+        return f"Device({self.kind}, backend={self.backend})"
+
+
+def _import_torch_npu() -> ModuleType:
+    """torch_npu registers torch.npu when imported; import it only when the NPU is asked for."""
+    try:
+        importlib.import_module("torch_npu")
+    except Exception as error:  # ImportError, or OSError when CANN's libraries are missing
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DeviceError(
+            f"device=npu needs torch_npu and Ascend CANN: install CANN, then pip install 'supertrain[npu]' "
+            f"(import torch_npu failed: {reason})"
+        ) from None
+    return torch.npu  # type: ignore[attr-defined]
+
+
+def _npu_installed() -> bool:
+    return importlib.util.find_spec("torch_npu") is not None
+
+
+def resolve_device(kind: str = "auto") -> Device:
+    """Device for `kind`; `auto` prefers npu, then cuda, then cpu."""
+    if kind not in DEVICE_KINDS:
+        raise DeviceError(f"device.type={kind!r} is not one of {', '.join(DEVICE_KINDS)}")
+    if kind == "auto":
+        if _npu_installed():
+            try:
+                if _import_torch_npu().is_available():
+                    return Device(NPU, torch.npu)  # type: ignore[attr-defined]
+            except DeviceError:
+                pass
+        if torch.cuda.is_available():
+            return Device(CUDA, torch.cuda)
+        return Device(CPU)
+    if kind == CPU:
+        return Device(CPU)
+    if kind == CUDA:
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "device=cuda but torch sees no CUDA GPU: install a CUDA build of torch on a GPU machine, "
+                "or use device=cpu"
+            )
+        return Device(CUDA, torch.cuda)
+    module = _import_torch_npu()
+    if not module.is_available():
+        raise DeviceError("device=npu but torch_npu sees no NPU: check the driver, CANN and ASCEND_RT_VISIBLE_DEVICES")
+    return Device(NPU, module)
+
+
+def local_rank_from_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

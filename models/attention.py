@@ -1,0 +1,39 @@
+"""Attention blocks: grouped-query attention (Llama) and, for DeepSeek-style models, multi-head latent attention.
+
+Head counts are read from the projection outputs (`view(..., -1, head_dim)`), never from the config, so the same
+module runs whole or with its heads split across tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import AttentionKind, ModelConfig
+from models.ops import apply_rope, causal_attention
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.wo(causal_attention(q, k, v).reshape(batch, seq, -1))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == AttentionKind.mla:
+        from models.mla import MultiHeadLatentAttention
+
+        return MultiHeadLatentAttention(cfg)
+    return GroupedQueryAttention(cfg)

@@ -1,0 +1,170 @@
+"""Where metrics go: `run.dir/metrics.jsonl` and wandb on rank 0, nothing on the other ranks.
+
+Other ranks get a `NullLogger`, so the loop never asks "am I rank 0?" before logging. The wandb API key is read by
+wandb from its own environment or netrc; it is never put into our config, our files or our log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from models.config import ConfigError
+from train.config import LoggingConfig, LoggingMode
+
+
+class MetricsLogger(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NullLogger:
+    """What every rank but 0 logs to."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """Appends one JSON object per call to a file; NaN and infinity become null so that every line is valid JSON."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self) -> None:
+        pass
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger:
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict[str, Any], run_name: str) -> None:
+        import wandb
+
+        if cfg.mode == LoggingMode.online and not _has_wandb_key():
+            raise ConfigError(
+                "logging.mode=online needs a wandb API key: run `wandb login` or set WANDB_API_KEY, "
+                "or use logging.mode=offline"
+            )
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name or run_name,
+            dir=str(run_dir),
+            config=config,
+            mode=cfg.mode.value,
+            # A resumed run appends to the same wandb run id instead of starting a second one.
+            id=_stable_run_id(run_dir),
+            resume="allow",
+            # We log what we mean to log; wandb's stdout capture would wrap our progress bar and log lines.
+            settings=wandb.Settings(console="off"),
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
+class FanOutLogger:
+    def __init__(self, loggers: list[MetricsLogger]) -> None:
+        self.loggers = loggers
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finish()
+
+
+def build_logger(cfg: LoggingConfig, rank: int, run_dir: Path, config: dict[str, Any]) -> MetricsLogger:
+    if rank != 0:
+        return NullLogger()
+    loggers: list[MetricsLogger] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.mode != LoggingMode.disabled:
+        loggers.append(WandbLogger(cfg, run_dir, config, run_name=run_dir.name))
+    return FanOutLogger(loggers)
+
+
+class Throughput:
+    """Tokens/s and MFU over the interval since the previous report."""
+
+    def __init__(self, flops_per_token: float, peak_flops_per_device: float, world_size: int) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_total = peak_flops_per_device * world_size
+        self._start = time.perf_counter()
+        self._tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def restart(self) -> None:
+        """Forget time spent outside training steps (evaluation, checkpointing)."""
+        self._start = time.perf_counter()
+        self._tokens = 0
+
+    def report(self) -> tuple[float, float]:
+        """(global tokens per second, model FLOPs utilisation) since the last report."""
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        mfu = tokens_per_s * self.flops_per_token / self.peak_total if self.peak_total > 0 else float("nan")
+        self.restart()
+        return tokens_per_s, mfu
+
+
+def format_line(step: int, total: int, metrics: dict[str, Any]) -> str:
+    parts = [f"step {step}/{total}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "val_loss" in metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.2e}")
+    if "grad_norm" in metrics:
+        parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in metrics and metrics["mfu"] is not None and math.isfinite(metrics["mfu"]):
+        parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+    if "memory_bytes" in metrics:
+        parts.append(f"mem {metrics['memory_bytes'] / 2**30:.2f} GiB")
+    return " | ".join(parts)
+
