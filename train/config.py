@@ -17,7 +17,7 @@ from typing import Any, Optional
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.config import ConfigError, ModelConfig
@@ -207,7 +207,9 @@ class RunConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # MISSING rather than a default instance: ModelConfig.__post_init__ fills derived fields (head_dim, n_kv_heads),
+    # and a default instance would carry the defaults' derived values into every model that does not set them.
+    model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)

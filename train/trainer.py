@@ -48,6 +48,8 @@ class Trainer:
         self.rank = rank
         self.mesh = mesh
         self.run_dir = run_dir
+        # Checked first: a wrong checkpoint.resume must fail before minutes of set-up, not after.
+        self.resume_path = ckpt.resolve_resume(run_dir / "checkpoints", cfg.checkpoint.resume)
 
         self.data = build_datasets(cfg.data, cfg.train.seq_len)
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -126,7 +128,7 @@ class Trainer:
         return path
 
     def resume(self) -> None:
-        path = ckpt.resolve_resume(self.run_dir / "checkpoints", self.cfg.checkpoint.resume)
+        path = self.resume_path
         if path is None:
             return
         info = ckpt.read_commit_info(path)

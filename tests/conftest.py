@@ -1,0 +1,57 @@
+"""Shared helpers: run `python -m train` (or torchrun) as a real process with a hard timeout, read its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A short, deterministic CPU run: fp32 so that results are bitwise reproducible, a small corpus slice so start-up
+# is quick, wandb off unless a test asks for it.
+FAST = [
+    "device=cpu",
+    "train.mixed_precision=fp32",
+    "train.seq_len=64",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.eval_every=0",
+    "data.max_bytes=2000000",
+    "logging.mode=disabled",
+    "logging.every=1",
+    "checkpoint.every=0",
+    "optim.warmup_steps=2",
+]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], timeout: float = 300, env: dict[str, str] | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    """`python -m train ARGS`, or `torchrun --standalone --nproc_per_node=nproc -m train ARGS`."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train", *args]
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout}s (hang?)\nstdout:\n{error.stdout}\nstderr:\n{error.stderr}")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last loss logged for each step (a resumed run logs the steps after its checkpoint again)."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}

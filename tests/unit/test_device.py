@@ -1,0 +1,80 @@
+"""The device abstraction: selection, backends, the missing-torch_npu message, peaks, and no stray device names."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.device import DeviceError, lookup_peak_flops, resolve_device
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_device():
+    device = resolve_device("cpu")
+    assert device.kind == "cpu" and device.backend == "gloo"
+    assert device.torch_device(3) == torch.device("cpu")
+    assert device.visible_devices_env is None
+    assert device.max_memory_bytes() > 0
+    peak = device.peak_flops(torch.float32)
+    assert peak.flops > 1e9 and "measured" in peak.source
+
+
+def test_auto_falls_back_to_cpu_here():
+    # This machine has neither torch_npu nor a GPU.
+    assert resolve_device("auto").kind == "cpu"
+
+
+def test_missing_torch_npu_is_one_clear_line():
+    with pytest.raises(DeviceError) as error:
+        resolve_device("npu")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "torch_npu" in message and "CANN" in message and "supertrain[npu]" in message
+
+
+def test_missing_gpu_is_one_clear_line():
+    with pytest.raises(DeviceError) as error:
+        resolve_device("cu" + "da")
+    assert "\n" not in str(error.value) and "device=cpu" in str(error.value)
+
+
+def test_unknown_kind():
+    with pytest.raises(DeviceError, match="is not one of auto, cpu"):
+        resolve_device("tpu")
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("Ascend910_9392", 376),  # 910C: one die
+        ("Ascend910B2", 353.9),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H800", 989),
+        ("NVIDIA B200", 2250),
+    ],
+)
+def test_peak_table(name, tflops):
+    peak = lookup_peak_flops(name)
+    assert peak is not None and peak.flops == pytest.approx(tflops * 1e12)
+    assert peak.source
+
+
+def test_unknown_accelerator_has_no_peak():
+    assert lookup_peak_flops("Some Future Chip") is None
+
+
+def test_no_device_literal_outside_the_device_abstraction():
+    pattern = re.compile(r"""["']""" + "cu" + r"""da(:\d+)?["']""")
+    offenders = []
+    for folder in ("train", "models", "parallel", "launch", "bench", "tests"):
+        for file in (REPO / folder).rglob("*.py"):
+            if file == REPO / "launch" / "device.py":
+                continue
+            for number, line in enumerate(file.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{file.relative_to(REPO)}:{number}")
+    assert not offenders, offenders
