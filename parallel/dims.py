@@ -126,19 +126,37 @@ class ParallelDims:
         """Micro-batches each data-parallel rank runs per optimizer step."""
         return train.global_batch // (self.dp * train.micro_batch)
 
-    def build_mesh(self, device_type: str) -> "DeviceMesh":
+    def build_mesh(self, device_type: str) -> "Meshes":
         """The world mesh with every dimension (size-1 ones too, so names always resolve) plus flattened views."""
         from torch.distributed.device_mesh import init_device_mesh
 
         shape = tuple(getattr(self, name) for name in MESH_DIMS)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+        world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        flat = {
+            "dp": world["dp_replicate", "dp_shard"]._flatten("dp"),
+            "dp_shard_cp": world["dp_shard", "cp"]._flatten("dp_shard_cp"),
+            "dp_cp": world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+        }
+        return Meshes(world, flat)
 
     def __str__(self) -> str:
         return self._describe()
+
+
+class Meshes:
+    """The world DeviceMesh and its flattened views, looked up by name: meshes["tp"], meshes["dp"].
+
+    Flattened views are kept here rather than sliced again from the root mesh, which torch is deprecating.
+    """
+
+    def __init__(self, world: "DeviceMesh", flattened: dict[str, "DeviceMesh"]) -> None:
+        self.world = world
+        self.flattened = flattened
+
+    def __getitem__(self, names: str | tuple[str, ...]) -> "DeviceMesh":
+        if isinstance(names, str) and names in self.flattened:
+            return self.flattened[names]
+        return self.world[names]
 
 
 def _degrees(dp_replicate: int, dp_shard: int | str, cp: int, tp: int, pp: int, ep: int) -> str:

@@ -6,8 +6,9 @@ here and not in the loop.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from launch.device import Device
+from train.optim import restore_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len)
 
@@ -41,10 +43,23 @@ class Engine(Protocol):
 
     def load_extra_state(self, state: dict[str, Any]) -> None: ...
 
+    def checkpoint_info(self) -> dict[str, Any]: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in fp32 whatever the compute dtype."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns when it runs without a process group; for a one-process run that is exactly what we want."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 class NativeEngine:
@@ -127,7 +142,8 @@ class NativeEngine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+        with _single_process_is_intended():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
 
     def load(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -135,11 +151,22 @@ class NativeEngine:
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(folder))
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def extra_state(self) -> dict[str, Any]:
         return {"lr_scheduler": self.scheduler.state_dict()}
 
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint must match to load under this engine: nothing, DCP reshards to any layout."""
+        return {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter, whole, on every rank (a collective under FSDP/TP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["lr_scheduler"])
+        restore_scheduler(self.scheduler, state["lr_scheduler"])

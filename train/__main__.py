@@ -12,9 +12,16 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from models.config import ConfigError
+
+if TYPE_CHECKING:  # imported lazily at run time so that --help stays fast
+    from launch.device import Device
+    from launch.env import RankInfo
+    from parallel.dims import ParallelDims
+    from train.config import Config
+    from train.trainer import Trainer
 
 log = logging.getLogger("supertrain")
 
@@ -64,6 +71,41 @@ def _error(message: str, rank: int) -> None:
         print(f"supertrain: error: {message}", file=sys.stderr, flush=True)
 
 
+def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
+    """Every check that needs no process group: device, degrees against the world and the model, engine limits."""
+    from launch.device import resolve_device
+    from parallel.apply import check_supported
+    from parallel.dims import ParallelDims
+
+    device = resolve_device(cfg.device.type)
+    dims = ParallelDims.from_config(cfg.parallel, info.world_size, cfg.model, cfg.train)
+    check_supported(cfg, dims)
+    return device, dims
+
+
+def train_with(cfg: Config, info: RankInfo, device: Device, dims: ParallelDims) -> Trainer:
+    """Build the mesh, the run folder and the trainer, and train. A distributed run needs its process group."""
+    import yaml
+
+    from launch.env import set_step_timeout
+    from train.config import to_plain_dict
+    from train.trainer import Trainer
+
+    mesh = dims.build_mesh(device.kind) if info.distributed else None
+    run_dir = _shared_run_dir(cfg.run.dir, cfg.model.name, info.distributed)
+    _setup_logging(run_dir, info.rank)
+    if info.rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
+    barrier = _barrier if info.distributed else _no_barrier
+    trainer = Trainer(cfg, device, dims, run_dir, info.rank, info.local_rank, mesh, barrier)
+    if info.distributed:
+        set_step_timeout(cfg.parallel.step_timeout_s)
+    summary = trainer.fit()
+    log.info("done: %s; run folder %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                                                   if isinstance(v, float)), run_dir)
+    return trainer
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -74,39 +116,17 @@ def _no_barrier() -> None:
     pass
 
 
-def run(cfg, info) -> int:  # noqa: ANN001 - Config and RankInfo, imported lazily to keep --help fast
-    import yaml
-    from launch.device import resolve_device
-    from launch.env import init_distributed, set_step_timeout
-    from parallel.dims import ParallelDims
-    from train.config import to_plain_dict
-    from train.trainer import Trainer
+def run(cfg: Config, info: RankInfo) -> int:
+    from launch.env import init_distributed
 
     try:
-        device = resolve_device(cfg.device.type)
-        dims = ParallelDims.from_config(cfg.parallel, info.world_size, cfg.model, cfg.train)
-    except ConfigError as error:
-        _error(str(error), info.rank)
-        return 2
-    mesh = None
-    if info.distributed:
-        init_distributed(device, info, cfg.parallel.init_timeout_s, cfg.parallel.step_timeout_s)
-        mesh = dims.build_mesh(device.kind)
-    run_dir = _shared_run_dir(cfg.run.dir, cfg.model.name, info.distributed)
-    _setup_logging(run_dir, info.rank)
-    if info.rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
-    barrier = _barrier if info.distributed else _no_barrier
-    try:
-        trainer = Trainer(cfg, device, dims, run_dir, info.rank, info.local_rank, mesh, barrier)
+        device, dims = prepare(cfg, info)
         if info.distributed:
-            set_step_timeout(cfg.parallel.step_timeout_s)
-        summary = trainer.fit()
+            init_distributed(device, info, cfg.parallel.init_timeout_s, cfg.parallel.step_timeout_s)
+        train_with(cfg, info, device, dims)
     except ConfigError as error:
         _error(str(error), info.rank)
         return 2
-    log.info("done: %s; run folder %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
-                                                   if isinstance(v, float)), run_dir)
     return 0
 
 

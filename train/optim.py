@@ -49,4 +49,17 @@ class WarmupDecay:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(cfg, total_steps))
+    """The schedule is a function of this run's config and the step only. Wrapping it in a plain function keeps
+    LambdaLR from saving (and a resume from restoring) the schedule's settings: a run resumed with a longer
+    train.steps follows the new schedule."""
+    schedule = WarmupDecay(cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+
+
+def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Load the step count, then set the LR this config's schedule gives at that step (the optimizer state that was
+    loaded carries the LR of the run that saved it)."""
+    scheduler.load_state_dict(state)
+    for group, base_lr, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -122,7 +122,8 @@ class Trainer:
                     {"step": self.step, "sampler": self.sampler.state_dict(), **self.engine.extra_state()},
                 )
 
-        info = {"world_size": self.dims.world_size, "layout": str(self.dims), "engine": self.engine.kind}
+        info = {"world_size": self.dims.world_size, "layout": str(self.dims), "engine": self.engine.kind,
+                **self.engine.checkpoint_info()}
         path = self.checkpoints.save(self.step, write, info)
         log.info("saved checkpoint %s", path)
         return path
@@ -137,6 +138,12 @@ class Trainer:
                 f"{path} was written by the {info.get('engine')} engine and cannot load under dp_engine="
                 f"{self.cfg.parallel.dp_engine.value}: resume with the engine that wrote it, or checkpoint.resume=none"
             )
+        for key, value in self.engine.checkpoint_info().items():
+            if info.get(key) != value:
+                raise ckpt.CheckpointError(
+                    f"{path} was saved with {key}={info.get(key)} and the {self.engine.kind} engine can only load it "
+                    f"with the same {key} (this run: {value}): resume with the saving layout, or checkpoint.resume=none"
+                )
         state = ckpt.read_trainer_state(path)
         self.engine.load(path)
         self.engine.load_extra_state(state)
@@ -197,6 +204,7 @@ class Trainer:
         progress.close()
         last["wall_time_s"] = time.perf_counter() - started
         self.logger.finish()
+        self.summary = last
         return last
 
 
