@@ -1,0 +1,55 @@
+"""ParallelDims: degrees resolved and checked against the world size, the model and the batch, before any process
+group exists; every error is one line naming every degree, the world size and the fix."""
+
+import pytest
+
+from models.config import ConfigError
+from parallel.dims import LayoutError, ParallelDims
+from train.config import load_config
+
+
+def dims(world_size: int, *overrides: str) -> ParallelDims:
+    cfg = load_config(list(overrides))
+    from parallel.apply import check_supported
+
+    result = ParallelDims.from_config(cfg.parallel, world_size, cfg.model, cfg.train)
+    check_supported(cfg, result)
+    return result
+
+
+def test_dp_shard_fills_the_world():
+    d = dims(8, "parallel.dp_replicate=2", "train.micro_batch=2")
+    assert (d.dp_replicate, d.dp_shard, d.dp) == (2, 4, 8)
+
+
+def test_grad_accumulation_keeps_the_global_batch():
+    cfg = load_config(["train.global_batch=32", "train.micro_batch=2"])
+    d = ParallelDims.from_config(cfg.parallel, 4, cfg.model, cfg.train)
+    assert d.grad_accumulation(cfg.train) * d.dp * cfg.train.micro_batch == 32
+
+
+@pytest.mark.parametrize(
+    "world, overrides, expected",
+    [
+        (4, ["parallel.dp_shard=3"], "the product 3 is not the world size"),
+        (6, ["parallel.tp=4"], "their product 4 does not divide WORLD_SIZE=6"),
+        (4, ["train.global_batch=6", "train.micro_batch=2"], "train.global_batch=6 is not a multiple of dp*micro_batch=4*2=8"),
+        (2, ["parallel.vpp=2"], "vpp=2 needs pipeline parallelism"),
+        (2, ["parallel.ep=2"], "ep=2 needs an MoE model"),
+        (2, ["parallel.pp=2", "model.tie_embeddings=true"], "tied embeddings cannot be split across pipeline stages"),
+        (8, ["parallel.pp=8", "model.n_layers=4"], "pp*vpp=8 stages exceed n_layers=4"),
+        (2, ["parallel.dp_engine=deepspeed", "parallel.dp_replicate=2"], "dp_engine=deepspeed runs data parallelism only"),
+        (2, ["parallel.dp_engine=deepspeed", "parallel.zero_stage=0"], "needs parallel.zero_stage=1, 2 or 3"),
+    ],
+)
+def test_bad_layouts_fail_with_one_line(world, overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        dims(world, *overrides)
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+
+
+def test_error_names_every_degree_and_the_world():
+    with pytest.raises(LayoutError) as error:
+        dims(4, "parallel.dp_shard=3")
+    assert str(error.value).startswith("dp_replicate=1 dp_shard=3 cp=1 tp=1 pp=1 ep=1, WORLD_SIZE=4:")
