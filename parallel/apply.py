@@ -1,6 +1,6 @@
 """Turn a config, a device and a mesh into a training engine, applying parallelism in one fixed order:
 
-    build on meta -> TP -> activation checkpointing -> compile -> FSDP2 -> materialize + seeded init -> DDP
+    build on meta -> TP (+SP) -> activation checkpointing -> compile -> FSDP2 -> materialize + seeded init -> DDP
 
 DeepSpeed takes the materialized model and wraps it in its own engine instead of FSDP/DDP.
 """
@@ -16,7 +16,10 @@ from launch.device import Device
 from models.transformer import build_model, materialize
 from parallel.data import apply_ddp, apply_fsdp, fsdp_mesh
 from parallel.dims import LayoutError, ParallelDims
-from parallel.engine import Engine, NativeEngine
+from parallel.engine import Engine, NativeEngine, PipelineEngine, token_cross_entropy
+from parallel.pipeline import PipelinePlan, build_schedule, build_stage, plan_pipeline
+from parallel.recompute import apply_recompute
+from parallel.tensor import apply_tensor_parallel
 from train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
@@ -48,6 +51,14 @@ def check_supported(cfg: "Config", dims: ParallelDims) -> None:
             )
         if cfg.parallel.zero_stage not in (1, 2, 3):
             raise LayoutError(f"dp_engine=deepspeed needs parallel.zero_stage=1, 2 or 3 (got {cfg.parallel.zero_stage})")
+    if dims.tp > 1:
+        from parallel.tensor import check_tensor_parallel
+
+        check_tensor_parallel(cfg.model, dims.tp)
+    if dims.pp > 1:
+        if engine == DPEngine.ddp and dims.dp > 1:
+            raise LayoutError(f"pp={dims.pp} with dp_engine=ddp is not supported: use dp_engine=fsdp with pipelines")
+        pipeline_plan(cfg, dims)
     pending = {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "ep": dims.ep}
     for name, degree in pending.items():
         if degree > 1 and name not in SUPPORTED_DEGREES:
@@ -55,7 +66,7 @@ def check_supported(cfg: "Config", dims: ParallelDims) -> None:
 
 
 # Kinds of model parallelism this build can apply (grows as they land).
-SUPPORTED_DEGREES: frozenset[str] = frozenset()
+SUPPORTED_DEGREES: frozenset[str] = frozenset({"tp", "pp"})
 
 
 def parallelize(
@@ -64,9 +75,20 @@ def parallelize(
     """Apply every meta-device transformation, in the fixed order, to a freshly built model."""
     from train.config import DPEngine
 
+    if dims.tp > 1:
+        model = apply_tensor_parallel(model, cfg.model, mesh["tp"], cfg.parallel.sequence_parallel)
+    model = apply_recompute(model, cfg.parallel.recompute.value)
+    if cfg.parallel.compile:
+        for block in model.layers.values():
+            block.compile()  # per block, in place: parameter names do not change
     if mesh is not None and cfg.parallel.dp_engine == DPEngine.fsdp and dims.dp_replicate * dims.dp_shard * dims.cp > 1:
         model = apply_fsdp(model, fsdp_mesh(mesh, dims.dp_replicate, dims.cp), param_dtype)
     return model
+
+
+def pipeline_plan(cfg: "Config", dims: ParallelDims) -> PipelinePlan:
+    p = cfg.parallel
+    return plan_pipeline(cfg.model, dims.pp, dims.vpp, p.pp_schedule, list(p.pp_layers), dims.grad_accumulation(cfg.train))
 
 
 def build_engine(
@@ -77,24 +99,54 @@ def build_engine(
     check_supported(cfg, dims)
     dtype = training_dtype(cfg, device)
     engine_kind = cfg.parallel.dp_engine
-    sharded = mesh is not None and engine_kind == DPEngine.fsdp and dims.dp * dims.cp > 1
-    model = parallelize(build_model(cfg.model, device="meta"), cfg, dims, mesh, dtype)
-    model = materialize(model, cfg.model, device.torch_device(local_rank), cfg.train.seed)
+    torch_device = device.torch_device(local_rank)
     if engine_kind == DPEngine.deepspeed:
-        from parallel.deepspeed import DeepSpeedEngine, deepspeed_config
-
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-        ds_config = deepspeed_config(
-            cfg.train.global_batch, cfg.train.micro_batch, dims.grad_accumulation(cfg.train), cfg.train.grad_clip,
-            cfg.parallel.zero_stage, bf16=dtype == torch.bfloat16,
-        )
-        return DeepSpeedEngine(model, optimizer, scheduler, device, ds_config)
+        return _deepspeed_engine(cfg, device, dims, dtype, torch_device)
+    sharded = mesh is not None and engine_kind == DPEngine.fsdp and dims.dp * dims.cp > 1
+    common = dict(
+        optim_cfg=cfg.optim,
+        total_steps=cfg.train.steps,
+        device=device,
+        # Under FSDP the mixed-precision policy already computes in bf16; autocast would only add casts.
+        autocast_dtype=None if sharded else dtype,
+        vocab_parallel_loss=dims.tp > 1,
+    )
+    if dims.pp > 1:
+        return _pipeline_engine(cfg, dims, mesh, dtype, torch_device, common)
+    model = parallelize(build_model(cfg.model, device="meta"), cfg, dims, mesh, dtype)
+    model = materialize(model, cfg.model, torch_device, cfg.train.seed)
     if mesh is not None and engine_kind == DPEngine.ddp and dims.dp > 1:
         model = apply_ddp(model, mesh["dp"])
+    loss_group = mesh["dp"].get_group() if mesh is not None and dims.dp > 1 else None
+    return NativeEngine([model], loss_group=loss_group, **common)
+
+
+def _pipeline_engine(cfg: "Config", dims: ParallelDims, mesh: "Meshes", dtype: Optional[torch.dtype],
+                     torch_device: torch.device, common: dict) -> Engine:
+    plan = pipeline_plan(cfg, dims)
+    stage_ids = plan.stages_of_rank(mesh["pp"].get_local_rank())
+    stages = {}
+    for stage in stage_ids:
+        module = parallelize(build_stage(cfg.model, plan, stage), cfg, dims, mesh, dtype)
+        stages[stage] = materialize(module, cfg.model, torch_device, cfg.train.seed)
+    schedule = build_schedule(plan, stages, torch_device, mesh["pp"].get_group(), dims.grad_accumulation(cfg.train),
+                              token_cross_entropy)
+    pp_group = mesh["pp"].get_group()
+    return PipelineEngine(
+        stages, schedule, plan, mesh["pp"].get_local_rank(), pp_group, dims.dp,
+        loss_group=mesh["pp_dp"].get_group(), stage_group=pp_group, **common,
+    )
+
+
+def _deepspeed_engine(cfg: "Config", device: Device, dims: ParallelDims, dtype: Optional[torch.dtype],
+                      torch_device: torch.device) -> Engine:
+    from parallel.deepspeed import DeepSpeedEngine, deepspeed_config
+
+    model = materialize(build_model(cfg.model, device="meta"), cfg.model, torch_device, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    # Under FSDP the mixed-precision policy already computes in bf16; autocast would only add casts.
-    autocast_dtype = None if sharded else dtype
-    loss_group = mesh["dp"].get_group() if mesh is not None and dims.dp > 1 else None
-    return NativeEngine(model, optimizer, scheduler, device, autocast_dtype, loss_group)
+    ds_config = deepspeed_config(
+        cfg.train.global_batch, cfg.train.micro_batch, dims.grad_accumulation(cfg.train), cfg.train.grad_clip,
+        cfg.parallel.zero_stage, bf16=dtype == torch.bfloat16,
+    )
+    return DeepSpeedEngine(model, optimizer, scheduler, device, ds_config)

@@ -136,6 +136,8 @@ class ParallelDims:
             "dp": world["dp_replicate", "dp_shard"]._flatten("dp"),
             "dp_shard_cp": world["dp_shard", "cp"]._flatten("dp_shard_cp"),
             "dp_cp": world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+            # Ranks whose loss shares add up to the global loss under a pipeline.
+            "pp_dp": world["pp", "dp_replicate", "dp_shard"]._flatten("pp_dp"),
         }
         return Meshes(world, flat)
 

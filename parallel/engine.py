@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from launch.device import Device
-from train.optim import restore_scheduler
+from train.config import OptimConfig
+from train.optim import build_optimizer, build_scheduler, restore_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len)
 
@@ -53,6 +56,17 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor scalar (the loss under loss_parallel) as an ordinary tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _loss_parallel() -> contextlib.AbstractContextManager:
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
 @contextlib.contextmanager
 def _single_process_is_intended() -> Iterator[None]:
     """DCP warns when it runs without a process group; for a one-process run that is exactly what we want."""
@@ -62,28 +76,79 @@ def _single_process_is_intended() -> Iterator[None]:
         yield
 
 
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, stage_group: Optional[dist.ProcessGroup] = None
+) -> torch.Tensor:
+    """Norm of all gradients as if the model were on one device, then scale them so it is at most max_norm (> 0).
+
+    Gradients may mix DTensors on different meshes and placements (TP shards, FSDP shards, replicated norm weights
+    under TP) with plain tensors; torch's clip_grad_norm_ refuses such a mix, so each kind is normed on its own
+    (a DTensor norm counts each shard once and replicas once) and the squares are added. With pipeline stages,
+    `stage_group` adds the other stages' squares.
+    """
+    groups: dict[Any, list[torch.Tensor]] = defaultdict(list)
+    for param in parameters:
+        grad = param.grad
+        if grad is not None:
+            key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+            groups[key].append(grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        squares.append(_plain(norm).float() ** 2)
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
+    if stage_group is not None:
+        dist.all_reduce(total_sq, group=stage_group)
+    total = total_sq.sqrt()
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grads in groups.values():
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            torch._foreach_mul_(local, scale.to(local[0].device))
+    return total
+
+
 class NativeEngine:
-    """Plain torch model and optimizer; DDP / FSDP2 / TP wrappers are applied to the model before it gets here."""
+    """Plain torch modules and optimizers; DDP / FSDP2 / TP wrappers are applied to the model before it gets here.
+
+    The model may come in parts (a pipeline rank's stages), each with its own optimizer; the parts' state dicts
+    are merged under their canonical parameter names, so checkpoints do not depend on how the model was cut.
+    """
 
     kind = "native"
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        parts: list[nn.Module],
+        optim_cfg: OptimConfig,
+        total_steps: int,
         device: Device,
         autocast_dtype: Optional[torch.dtype],
         loss_group: Optional[dist.ProcessGroup] = None,
+        vocab_parallel_loss: bool = False,
+        stage_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.parts = parts
+        self.optimizers = [build_optimizer(part, optim_cfg) for part in parts]
+        self.schedulers = [build_scheduler(opt, optim_cfg, total_steps) for opt in self.optimizers]
         self.device = device
         self.autocast_dtype = autocast_dtype
-        # Ranks whose loss shares add up to the global loss (the data-parallel group); None = this process alone.
+        # Ranks whose loss shares add up to the global loss (data-parallel, and pipeline, ranks); None = alone.
         self.loss_group = loss_group
-        self.torch_device = next(model.parameters()).device
+        # Pipeline ranks: each holds different parameters, so gradient norms add across them.
+        self.stage_group = stage_group
+        self.torch_device = next(parts[0].parameters()).device
+        # Under TP the logits stay sharded over the vocabulary; loss_parallel computes the loss (and its backward)
+        # from the shards without gathering them.
+        self.loss_context = _loss_parallel if vocab_parallel_loss else contextlib.nullcontext
+
+    @property
+    def model(self) -> nn.Module:
+        return self.parts[0]
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        for part in self.parts:
+            yield from part.parameters()
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = (t.to(self.torch_device, non_blocking=True) for t in batch)
@@ -97,33 +162,38 @@ class NativeEngine:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, batches: list[Batch], grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        self.model.train()
+    def _forward_backward(self, batches: list[Batch]) -> torch.Tensor:
+        """Gradients of the mean loss over `batches`; returns that mean (this rank's micro-batches)."""
         total = torch.zeros((), device=self.torch_device)
         for i, batch in enumerate(batches):
-            with self._no_grad_sync(last=i == len(batches) - 1):
+            with self._no_grad_sync(last=i == len(batches) - 1), self.loss_context():
                 loss = self._loss(batch) / len(batches)
                 loss.backward()
-            total += loss.detach()
-        grad_norm = self.clip_grad_norm(grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return total / self._loss_ranks(), grad_norm
+            total += _plain(loss.detach())
+        return total
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global gradient norm (DTensor gradients are reduced across their mesh), clipped to max_norm if > 0."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def train_step(self, batches: list[Batch], grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for part in self.parts:
+            part.train()
+        mean_loss = self._forward_backward(batches)
+        grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group)
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        return mean_loss / self._loss_ranks(), grad_norm
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
         self.model.eval()
-        total = sum((self._loss(batch) for batch in batches), torch.zeros((), device=self.torch_device))
+        total = torch.zeros((), device=self.torch_device)
+        with self.loss_context():
+            for batch in batches:
+                total += _plain(self._loss(batch))
         return total / (len(batches) * self._loss_ranks())
 
     def _loss_ranks(self) -> int:
+        """Ranks holding a loss share: data-parallel ranks (a pipeline's last stage computes the loss)."""
         return dist.get_world_size(self.loss_group) if self.loss_group is not None else 1
 
     def reduce_loss(self, local: torch.Tensor) -> float:
@@ -133,40 +203,107 @@ class NativeEngine:
         return float(local)
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        return float(self.schedulers[0].get_last_lr()[0])
 
     # ---- checkpoint -----------------------------------------------------------------------------------------
 
+    def _state(self) -> dict[str, dict[str, Any]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # Optimizer state keyed by parameter name (not by param-group index), so it loads under any cut.
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        model_state: dict[str, Any] = {}
+        optim_state: dict[str, Any] = {}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            part_model, part_optim = get_state_dict(part, optimizer, options=options)
+            model_state.update(part_model)
+            optim_state.update(part_optim)
+        return {"model": model_state, "optim": optim_state}
+
     def save(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
         with _single_process_is_intended():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+            dcp.save(self._state(), checkpoint_id=str(folder))
 
     def load(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        state = self._state()
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        options = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+        for part, optimizer in zip(self.parts, self.optimizers):
+            set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=options)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"lr_scheduler": self.scheduler.state_dict()}
+        return {"lr_scheduler": self.schedulers[0].state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        for scheduler in self.schedulers:
+            restore_scheduler(scheduler, state["lr_scheduler"])
 
     def checkpoint_info(self) -> dict[str, Any]:
         """What a checkpoint must match to load under this engine: nothing, DCP reshards to any layout."""
         return {}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter, whole, on every rank (a collective under FSDP/TP)."""
+        """Every parameter this rank's parts hold, whole (a collective under FSDP/TP)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        merged: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            merged.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))
+        return merged
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        restore_scheduler(self.scheduler, state["lr_scheduler"])
+
+class PipelineEngine(NativeEngine):
+    """A pipeline rank: its stages run under a torch.distributed.pipelining schedule over the step's micro-batches.
+
+    Only the last stage sees the loss; its share is added over the pipeline and data-parallel ranks.
+    """
+
+    def __init__(self, stages: dict[int, nn.Module], schedule: Any, plan: Any, pp_rank: int,
+                 pp_group: dist.ProcessGroup, dp_size: int, **kwargs: Any) -> None:
+        super().__init__([stages[s] for s in sorted(stages)], **kwargs)
+        self.stages = stages
+        self.schedule = schedule
+        self.plan = plan
+        self.pp_rank = pp_rank
+        self.pp_group = pp_group
+        self.has_first = 0 in stages
+        self.has_last = plan.n_stages - 1 in stages
+        self.dp_size = dp_size
+
+    def _mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        if not self.has_last:
+            return torch.zeros((), device=self.torch_device)
+        return torch.stack([_plain(loss.detach()) for loss in losses]).mean()
+
+    def _forward_backward(self, batches: list[Batch]) -> torch.Tensor:
+        inputs = torch.cat([b[0] for b in batches]).to(self.torch_device)
+        targets = torch.cat([b[1] for b in batches]).to(self.torch_device)
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+        with self.loss_context(), self.device.autocast(self.autocast_dtype):
+            self.schedule.step(*args, **kwargs)
+        return self._mean(losses)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
+        from parallel.pipeline import forward_only_losses
+
+        for part in self.parts:
+            part.eval()
+        inputs = torch.cat([b[0] for b in batches]).to(self.torch_device)
+        targets = torch.cat([b[1] for b in batches]).to(self.torch_device)
+        with self.loss_context(), self.device.autocast(self.autocast_dtype):
+            losses = forward_only_losses(self.plan, self.stages, self.pp_rank, self.pp_group, inputs, targets,
+                                         len(batches), token_cross_entropy)
+        return self._mean(losses) / self.dp_size
+
+    def _loss_ranks(self) -> int:
+        return self.dp_size

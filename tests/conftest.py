@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread in the test process: the machine has two cores, and an in-process reference run with two OpenMP
+# threads slows to a crawl whenever rank processes or other jobs hold the cores.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 

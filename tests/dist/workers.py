@@ -42,7 +42,11 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
 def read_steps(run_dir: Path) -> dict[int, dict[str, float]]:
     """step -> {loss, grad_norm}, the last record of each step (a resumed run logs its steps again)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {"loss": r["loss"], "grad_norm": r["grad_norm"]} for r in records if "loss" in r}
+    steps = {r["step"]: {"loss": r["loss"], "grad_norm": r["grad_norm"]} for r in records if "loss" in r}
+    for record in records:
+        if "val_loss" in record:
+            steps[record["step"]]["val_loss"] = record["val_loss"]
+    return steps
 
 
 def train_run(overrides: list[str]) -> dict[str, Any]:

@@ -53,3 +53,28 @@ def test_error_names_every_degree_and_the_world():
     with pytest.raises(LayoutError) as error:
         dims(4, "parallel.dp_shard=3")
     assert str(error.value).startswith("dp_replicate=1 dp_shard=3 cp=1 tp=1 pp=1 ep=1, WORLD_SIZE=4:")
+
+
+@pytest.mark.parametrize(
+    "world, overrides, expected",
+    [
+        (3, ["parallel.tp=3"], "tp=3 does not divide n_heads=8"),
+        (2, ["parallel.tp=2", "model.ffn_hidden=771"], "tp=2 does not divide ffn_hidden=771"),
+        (2, ["parallel.tp=2", "model.vocab_size=513"], "tp=2 does not divide vocab_size=513"),
+        (2, ["parallel.tp=4"], "their product 4 does not divide WORLD_SIZE=2"),
+    ],
+)
+def test_bad_tensor_parallel_layouts(world, overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        dims(world, *overrides)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_kv_heads_neither_dividing_nor_divided_by_tp():
+    from parallel.tensor import check_tensor_parallel
+
+    cfg = load_config(["model.n_heads=12", "model.n_kv_heads=3", "model.d_model=384"]).model
+    with pytest.raises(LayoutError, match="tp=4 with n_kv_heads=3"):
+        check_tensor_parallel(cfg, 4)
+    check_tensor_parallel(cfg, 3)  # splits evenly
+    check_tensor_parallel(load_config(["model.n_kv_heads=2"]).model, 4)  # replicated kv heads

@@ -1,0 +1,45 @@
+"""python -m bench [name ...]: run benchmarks, print their figures and write bench/results/<name>.json."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = ("trunk", "pipeline")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _print(name: str, figures: dict, indent: str = "  ") -> None:
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print(name, value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{key}: {value:.4g}")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(exist_ok=True)
+    for name in names:
+        started = time.time()
+        figures = importlib.import_module(f"bench.{name}").run()
+        figures["wall_time_s"] = time.time() - started
+        print(f"{name}:")
+        _print(name, figures)
+        (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
+        print(f"  -> {RESULTS / f'{name}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,127 @@
+"""Trunk benchmark: how close one CPU process gets to this machine's matmul peak, and what the trainer costs.
+
+1. Model FLOP rate: forward + backward of a small dense model (d_model 512, 4 layers, seq 512, fp32), counted as
+   `flops_per_token` (6N + attention) x tokens/s, as a fraction of the best fp32 matmul rate measured here
+   (square matmuls of 1024 and 2048). Target >= 0.9.
+2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
+   schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
+   alternating the two. Target <= 3%.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from launch.device import measure_matmul_flops
+from models.config import flops_per_token
+from models.transformer import build_model, materialize
+
+MODEL = [
+    "model.name=bench512",
+    "model.n_layers=4",
+    "model.d_model=512",
+    "model.n_heads=8",
+    "model.n_kv_heads=8",
+    "model.ffn_hidden=1536",
+    "model.vocab_size=512",
+]
+SEQ_LEN = 512
+BATCH = 8
+
+
+def _config(extra: list[str]) -> Any:
+    from train.config import load_config
+
+    return load_config([
+        *MODEL, "device=cpu", "train.mixed_precision=fp32", f"train.seq_len={SEQ_LEN}",
+        f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}", "train.eval_every=0", "logging.mode=disabled",
+        "logging.every=1", "checkpoint.every=0", "data.max_bytes=4000000", *extra,
+    ])
+
+
+def _peak() -> float:
+    return max(measure_matmul_flops(torch.float32, size, repeats=10) for size in (1024, 2048))
+
+
+def model_flop_rate(steps: int = 6) -> dict[str, float]:
+    cfg = _config([])
+    model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (BATCH, SEQ_LEN + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    times = []
+    for step in range(steps + 2):
+        start = time.perf_counter()
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if step >= 2:  # the first passes pay for allocation
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    tokens_per_s = BATCH * SEQ_LEN / step_time
+    model_flops = flops_per_token(cfg.model, SEQ_LEN) * tokens_per_s
+    peak = _peak()
+    return {
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_s": model_flops,
+        "matmul_peak_flops_per_s": peak,
+        "fraction_of_matmul_peak": model_flops / peak,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _bare_loop_step_times(cfg: Any, steps: int) -> list[float]:
+    """The same model, AdamW settings and batches, with nothing around them."""
+    from train.data import build_datasets
+    from train.optim import build_optimizer
+
+    model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    data = build_datasets(cfg.data, cfg.train.seq_len)
+    inputs, targets = data.train.batch(range(BATCH))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = model(inputs)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[2:]
+
+
+def _trainer_step_times(cfg: Any, steps: int, run_dir: str) -> list[float]:
+    import json
+    from pathlib import Path
+
+    from launch.env import RankInfo
+    from train.__main__ import prepare, train_with
+
+    cfg.train.steps = steps
+    cfg.run.dir = run_dir
+    info = RankInfo(rank=0, local_rank=0, world_size=1)
+    device, dims = prepare(cfg, info)
+    trainer = train_with(cfg, info, device, dims)
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    tokens = BATCH * SEQ_LEN
+    return [tokens / r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]
+
+
+def trainer_overhead(steps: int = 8, rounds: int = 2) -> dict[str, float]:
+    import tempfile
+
+    cfg = _config([])
+    bare, full = [], []
+    for round_index in range(rounds):  # alternate, so that drift in machine speed hits both alike
+        bare += _bare_loop_step_times(cfg, steps)
+        full += _trainer_step_times(_config([]), steps, tempfile.mkdtemp(prefix=f"bench-trainer-{round_index}-"))
+    bare_step, full_step = statistics.median(bare), statistics.median(full)
+    return {"bare_step_s": bare_step, "trainer_step_s": full_step, "overhead": full_step / bare_step - 1}
+
+
+def run() -> dict[str, Any]:
+    return {"model_flop_rate": model_flop_rate(), "trainer_overhead": trainer_overhead()}

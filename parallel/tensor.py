@@ -1,0 +1,157 @@
+"""Tensor parallelism (Megatron-style) and sequence parallelism, applied to the plain model with DTensor.
+
+Per transformer block:
+    attention  wq, wk, wv (and MLA's wq_b, wkv_b) column-parallel: each rank computes n_heads / tp heads;
+               wo row-parallel: partial sums reduced (all-reduce, or reduce-scatter over the sequence under SP)
+    MLP        w1, w3 column-parallel, w2 row-parallel
+    norms      replicated; under sequence parallelism they run on a sequence shard (SequenceParallel)
+Model ends:
+    embedding  vocab-parallel (rows split; each rank looks up the ids it owns)
+    output     column-parallel over the vocabulary, kept sharded: the loss runs under `loss_parallel`, so the full
+               (batch, seq, vocab) logits are never gathered
+
+Grouped-query attention with fewer kv heads than tp ranks: the k/v projections stay whole on every rank and each
+rank keeps the one kv head its query heads read (`ReplicatedKVHeads`); their gradients are summed over tp ranks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from models.config import AttentionKind, ModelConfig
+from parallel.dims import LayoutError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+class ReplicatedKVHeads(ParallelStyle):
+    """k or v projection when n_kv_heads < tp: whole weight on every rank, output narrowed to this rank's kv head.
+
+    Rank r's query heads are [r * h/tp, (r+1) * h/tp); with tp a multiple of n_kv_heads they all read kv head
+    r // (tp / n_kv_heads), so the attention module sees one local kv head and groups queries as usual. Each rank's
+    gradient covers only its head, so the weight gradient is declared Partial and summed over the tp group.
+    """
+
+    def __init__(self, head_dim: int, n_kv_heads: int, tp: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.ranks_per_kv_head = tp // n_kv_heads
+
+    def _partition(self, name: str, module: nn.Module, mesh: "DeviceMesh") -> None:
+        for key, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+    def _prepare_input(self, module: nn.Module, inputs: tuple, mesh: "DeviceMesh") -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return (x, *inputs[1:])
+
+    def _select_head(self, module: nn.Module, output: DTensor, mesh: "DeviceMesh") -> torch.Tensor:
+        head = mesh.get_local_rank() // self.ranks_per_kv_head
+        local = output.to_local(grad_placements=[Partial()])
+        return local[..., head * self.head_dim : (head + 1) * self.head_dim]
+
+    def _apply(self, module: nn.Module, device_mesh: "DeviceMesh") -> nn.Module:
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition,
+            lambda mod, inputs, mesh: self._prepare_input(mod, inputs, mesh),
+            lambda mod, outputs, mesh: self._select_head(mod, outputs, mesh),
+        )
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Head layouts TP cannot split, refused with one line (divisibility of heads, ffn and vocab is in dims)."""
+    if cfg.attention == AttentionKind.gqa and cfg.n_kv_heads < tp and tp % cfg.n_kv_heads:
+        raise LayoutError(
+            f"tp={tp} with n_kv_heads={cfg.n_kv_heads}: kv heads can be split or replicated only when one of "
+            f"tp and n_kv_heads divides the other; pick tp dividing n_kv_heads or a multiple of it"
+        )
+    if cfg.attention == AttentionKind.gqa and cfg.n_kv_heads >= tp and cfg.n_kv_heads % tp:
+        raise LayoutError(f"tp={tp} does not divide n_kv_heads={cfg.n_kv_heads}: pick tp dividing n_kv_heads")
+
+
+def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    row_out = Shard(1) if sequence_parallel else Replicate()
+    if cfg.attention == AttentionKind.mla:
+        plan: dict[str, ParallelStyle] = {"attention.wkv_b": ColwiseParallel(), "attention.wo": RowwiseParallel(output_layouts=row_out)}
+        plan["attention.wq_b" if cfg.q_lora_rank else "attention.wq"] = ColwiseParallel()
+        return plan
+    if cfg.n_kv_heads < tp:
+        kv: ParallelStyle = ReplicatedKVHeads(cfg.head_dim, cfg.n_kv_heads, tp)
+        kv_plan = {"attention.wk": kv, "attention.wv": ReplicatedKVHeads(cfg.head_dim, cfg.n_kv_heads, tp)}
+    else:
+        kv_plan = {"attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel()}
+    return {"attention.wq": ColwiseParallel(), **kv_plan, "attention.wo": RowwiseParallel(output_layouts=row_out)}
+
+
+def _mlp_plan(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    row_out = Shard(1) if sequence_parallel else Replicate()
+    return {
+        f"{prefix}.w1": ColwiseParallel(),
+        f"{prefix}.w2": RowwiseParallel(output_layouts=row_out),
+        f"{prefix}.w3": ColwiseParallel(),
+    }
+
+
+def block_plan(cfg: ModelConfig, layer_id: int, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    plan = _attention_plan(cfg, tp, sequence_parallel)
+    if sequence_parallel:
+        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        plan.update({
+            "attention_norm": SequenceParallel(),
+            "ffn_norm": SequenceParallel(),
+            "attention": gather,
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        })
+    if cfg.is_moe_layer(layer_id):
+        # Experts are not split by TP (expert parallelism shards them); under TP every rank of the group runs the
+        # MoE block on the whole sequence, so their gradients agree without a reduction.
+        if sequence_parallel:
+            plan["feed_forward"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+            )
+    else:
+        plan.update(_mlp_plan("feed_forward", sequence_parallel))
+        if cfg.activation.value == "gelu":
+            del plan["feed_forward.w3"]
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, cfg: ModelConfig, mesh: "DeviceMesh", sequence_parallel: bool) -> nn.Module:
+    """Parallelize the (meta-device) model over the 1-D tp mesh; stages without embedding or head skip those parts."""
+    tp = mesh.size()
+    check_tensor_parallel(cfg, tp)
+    ends: dict[str, Any] = {}
+    if model.tok_embeddings is not None:
+        ends["tok_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1) if sequence_parallel else Replicate()
+        )
+    if model.norm is not None and sequence_parallel:
+        ends["norm"] = SequenceParallel()
+    if model.output is not None:
+        ends["output"] = ColwiseParallel(
+            input_layouts=Shard(1) if sequence_parallel else Replicate(), output_layouts=Shard(-1), use_local_output=False
+        )
+    if ends:
+        parallelize_module(model, mesh, ends)
+    for layer_id, block in model.layers.items():
+        parallelize_module(block, mesh, block_plan(cfg, int(layer_id), tp, sequence_parallel))
+    return model
