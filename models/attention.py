@@ -1,7 +1,9 @@
 """Attention blocks: grouped-query attention (Llama) and, for DeepSeek-style models, multi-head latent attention.
 
 Head counts are read from the projection outputs (`view(..., -1, head_dim)`), never from the config, so the same
-module runs whole or with its heads split across tensor-parallel ranks.
+module runs whole or with its heads split across tensor-parallel ranks. Rotary tables are computed here from the
+length of the sequence the attention actually sees: under sequence parallelism the block's input is a sequence
+shard, but attention runs on the gathered whole.
 """
 
 from __future__ import annotations
@@ -10,20 +12,23 @@ import torch
 from torch import nn
 
 from models.config import AttentionKind, ModelConfig
-from models.ops import apply_rope, causal_attention
+from models.ops import apply_rope, causal_attention, rope_tables
 
 
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
         batch, seq, _ = x.shape
+        rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device)
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)

@@ -46,6 +46,10 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     # Tokens an expert may take, as a multiple of the even share; 0 = unlimited (no dropping).
     capacity_factor: float = 0.0
+    # Group-limited routing (DeepSeek-V3: 8 groups, 4 kept): experts form n_expert_groups equal groups and a token
+    # picks its top_k only among the n_limited_groups groups whose two best experts score highest. 1, 1 = off.
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.bias_update_rate < 0:
@@ -54,6 +58,11 @@ class MoEConfig:
             raise ConfigError(f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
         if self.capacity_factor < 0:
             raise ConfigError(f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = no dropping)")
+        if not 1 <= self.n_limited_groups <= self.n_expert_groups:
+            raise ConfigError(
+                f"model.moe.n_limited_groups={self.n_limited_groups} must lie in [1, n_expert_groups="
+                f"{self.n_expert_groups}]"
+            )
 
 
 @dataclass
@@ -132,6 +141,19 @@ class ModelConfig:
             if not 0 <= self.n_dense_layers <= self.n_layers:
                 raise ConfigError(
                     f"model.n_dense_layers={self.n_dense_layers} must lie in [0, n_layers={self.n_layers}]"
+                )
+            if self.n_shared_experts < 0:
+                raise ConfigError(f"model.n_shared_experts={self.n_shared_experts} must be >= 0")
+            groups = self.moe.n_expert_groups
+            if self.n_routed_experts % groups:
+                raise ConfigError(
+                    f"model.moe.n_expert_groups={groups} must divide n_routed_experts={self.n_routed_experts}"
+                )
+            reachable = self.moe.n_limited_groups * self.n_routed_experts // groups
+            if self.top_k > reachable:
+                raise ConfigError(
+                    f"model.top_k={self.top_k} exceeds the {reachable} experts in model.moe.n_limited_groups="
+                    f"{self.moe.n_limited_groups} of {groups} groups: keep more groups or lower top_k"
                 )
 
     # ---- derived shapes -------------------------------------------------------------------------------------

@@ -38,3 +38,56 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         v = v.repeat_interleave(n_rep, dim=2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
+
+
+# ---- grouped matmul (mixture-of-experts) --------------------------------------------------------------------
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: torch._grouped_mm's backward rejects the stride-0
+    gradients that `sum()` or `expand()` produce downstream."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def _native_grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands.
+
+    It runs eagerly on CPU in fp32, bf16 and fp16 (checked on torch 2.13, forward and backward). Its meta kernel,
+    which torch.compile traces through, accepts only bf16, and the GPU kernels are bf16 too, so elsewhere only bf16
+    takes the native path. Ascend's torch_npu has no `_grouped_mm`: NPU uses the loop until the device layer swaps
+    in its own grouped-matmul kernel here. Row strides must be multiples of 16 bytes.
+    """
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device.type == "npu":
+        return False
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    on_cpu = x.device.type == "cpu"
+    return on_cpu and x.dtype in (torch.float32, torch.float16) and not torch.compiler.is_compiling()
+
+
+def _looped_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One matmul per group; reads the counts on the host, which stalls an accelerator's stream."""
+    pieces = torch.split(x, counts.tolist())
+    out = [piece @ w[group] for group, piece in enumerate(pieces)]
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[-1])
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (rows, k) holds consecutive blocks of counts[g] rows; block g is multiplied by w[g] (groups, k, n).
+
+    Returns (rows, n). counts must sum to the number of rows. One kernel (torch._grouped_mm) where supported, else
+    a loop over the groups (never over rows).
+    """
+    if _native_grouped_mm_supported(x, w):
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offsets))
+    return _looped_grouped_mm(x, w, counts)

@@ -15,7 +15,6 @@ from torch import nn
 
 from models.attention import build_attention
 from models.config import Activation, ModelConfig
-from models.ops import rope_tables
 
 
 class FeedForward(nn.Module):
@@ -47,8 +46,8 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -67,9 +66,8 @@ class Transformer(nn.Module):
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab). A stage without the embedding takes hidden
         states (batch, seq, d_model) instead; one without the output head returns hidden states."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        rope = rope_tables(h.shape[1], self.cfg.rope_dim, self.cfg.rope_theta, h.device)
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
