@@ -8,12 +8,16 @@ so a column-split projection simply yields fewer local heads):
     wq_a   (d_model -> q_lora_rank)                   query down-projection                     replicate
     q_norm (q_lora_rank)                              RMSNorm on the query latent               replicate
     wq_b   (q_lora_rank -> heads * qk_head_dim)       query up-projection                       colwise
-    wkv_a  (d_model -> kv_lora_rank + qk_rope_head_dim)  kv latent and the shared rotary key    replicate
+    wkv_a  (d_model -> kv_lora_rank)                  kv latent                                 replicate
+    wk_rope (d_model -> qk_rope_head_dim)             the rotary key all heads share            replicate, grad summed
     kv_norm (kv_lora_rank)                            RMSNorm on the kv latent                  replicate
     wkv_b  (kv_lora_rank -> heads * (qk_nope_head_dim + v_head_dim))  per-head keys and values  colwise
     wo     (heads * v_head_dim -> d_model)            output projection                         rowwise
 
 qk_head_dim = qk_nope_head_dim + qk_rope_head_dim; each head's query and key are [no-rope part, rotary part].
+DeepSeek stores the latent and the rotary key as one projection; here they are two, because tensor parallelism
+treats them differently: a rank uses the whole latent (its gradient comes back whole through wkv_b) but the shared
+rotary key only for its own heads, so that key's gradient must be summed over the tp ranks.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class MultiHeadLatentAttention(nn.Module):
             self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
         else:
             self.wq = nn.Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.d_model, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.d_model, cfg.kv_lora_rank, bias=False)
+        self.wk_rope = nn.Linear(cfg.d_model, cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.d_model, bias=False)
@@ -65,11 +70,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_rot, *rope)], dim=-1)
 
-        latent, k_rot = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.wkv_b(_normalize(self.kv_norm, latent)).view(batch, seq, -1, self.nope_dim + self.v_dim)
+        kv = self.wkv_b(_normalize(self.kv_norm, self.wkv_a(x))).view(batch, seq, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         # One rotary key for all heads: rotate once, then broadcast to this rank's heads.
-        k_rot = apply_rope(k_rot.unsqueeze(2), *rope).expand(-1, -1, kv.shape[2], -1)
+        k_rot = apply_rope(self.wk_rope(x).unsqueeze(2), *rope).expand(-1, -1, kv.shape[2], -1)
         k = torch.cat([k_nope, k_rot], dim=-1)
 
         # SDPA takes a value width different from the query/key width, and scales scores by 1/sqrt(qk_head_dim).

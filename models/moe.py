@@ -158,6 +158,8 @@ class MoE(nn.Module):
         self.bias_update_rate = cfg.moe.bias_update_rate
         # d(total loss)/d(main loss) per micro-batch, set by the engine (1 / micro-batches) via set_aux_loss_scale.
         self.aux_loss_scale = 1.0
+        # Off while a forward is not training data (a pipeline stage's shape-inference pass): see suspend_statistics.
+        self.record_statistics = True
 
         self.router = TopKRouter(cfg)
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden, cfg.activation)
@@ -217,7 +219,7 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _record(self, counts: torch.Tensor, dropped: int, routed: int, aux_loss: Optional[torch.Tensor]) -> None:
-        if _recomputing():
+        if _recomputing() or not self.record_statistics:
             return
         self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         self.routing_totals[0] += routed
@@ -240,6 +242,26 @@ def moe_layers(model: nn.Module) -> dict[str, MoE]:
             match = _LAYER.search(canonical_name(name) + ".")
             found[match.group(1) if match else canonical_name(name) or "block"] = module
     return found
+
+
+def suspend_statistics_for_next_forward(model: nn.Module) -> None:
+    """Do not count the routing of `model`'s next forward call (it is not a training micro-batch)."""
+    layers = list(moe_layers(model).values())
+    if not layers:
+        return
+
+    def suspend(module: nn.Module, args: Any) -> None:
+        for block in layers:
+            block.record_statistics = False
+
+    def resume(module: nn.Module, args: Any, output: Any) -> None:
+        for block in layers:
+            block.record_statistics = True
+        pre.remove()
+        post.remove()
+
+    pre = model.register_forward_pre_hook(suspend)
+    post = model.register_forward_hook(resume)
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -1,6 +1,7 @@
 """Turn a config, a device and a mesh into a training engine, applying parallelism in one fixed order:
 
-    build on meta -> TP (+SP) -> activation checkpointing -> compile -> FSDP2 -> materialize + seeded init -> DDP
+    build on meta -> TP (+SP) -> EP -> activation checkpointing -> compile -> FSDP2 (experts over the ranks that
+    hold the same experts, then the rest over all data ranks) -> materialize + seeded init -> DDP
 
 DeepSpeed takes the materialized model and wraps it in its own engine instead of FSDP/DDP.
 """
@@ -17,6 +18,7 @@ from models.transformer import build_model, materialize
 from parallel.data import apply_ddp, apply_fsdp, fsdp_mesh
 from parallel.dims import LayoutError, ParallelDims
 from parallel.engine import Engine, NativeEngine, PipelineEngine, token_cross_entropy
+from parallel.expert import apply_expert_fsdp, apply_expert_parallel
 from parallel.pipeline import PipelinePlan, build_schedule, build_stage, plan_pipeline
 from parallel.recompute import apply_recompute
 from parallel.tensor import apply_tensor_parallel
@@ -55,6 +57,8 @@ def check_supported(cfg: "Config", dims: ParallelDims) -> None:
         from parallel.tensor import check_tensor_parallel
 
         check_tensor_parallel(cfg.model, dims.tp)
+    if dims.ep > 1 and engine != DPEngine.fsdp:
+        raise LayoutError(f"ep={dims.ep} needs dp_engine=fsdp: expert weights are sharded, which DDP cannot reduce")
     if dims.pp > 1:
         if engine == DPEngine.ddp and dims.dp > 1:
             raise LayoutError(f"pp={dims.pp} with dp_engine=ddp is not supported: use dp_engine=fsdp with pipelines")
@@ -66,7 +70,7 @@ def check_supported(cfg: "Config", dims: ParallelDims) -> None:
 
 
 # Kinds of model parallelism this build can apply (grows as they land).
-SUPPORTED_DEGREES: frozenset[str] = frozenset({"tp", "pp"})
+SUPPORTED_DEGREES: frozenset[str] = frozenset({"tp", "pp", "ep"})
 
 
 def parallelize(
@@ -77,11 +81,16 @@ def parallelize(
 
     if dims.tp > 1:
         model = apply_tensor_parallel(model, cfg.model, mesh["tp"], cfg.parallel.sequence_parallel)
+    if dims.ep > 1:
+        model = apply_expert_parallel(model, mesh["ep"])
     model = apply_recompute(model, cfg.parallel.recompute.value)
     if cfg.parallel.compile:
         for block in model.layers.values():
             block.compile()  # per block, in place: parameter names do not change
     if mesh is not None and cfg.parallel.dp_engine == DPEngine.fsdp and dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+        if dims.ep > 1:
+            expert_mesh = mesh["dp_replicate", "efsdp"] if dims.dp_replicate > 1 else mesh["efsdp"]
+            apply_expert_fsdp(model, expert_mesh, param_dtype, reshard=True)
         model = apply_fsdp(model, fsdp_mesh(mesh, dims.dp_replicate, dims.cp), param_dtype)
     return model
 
@@ -110,6 +119,7 @@ def build_engine(
         # Under FSDP the mixed-precision policy already computes in bf16; autocast would only add casts.
         autocast_dtype=None if sharded else dtype,
         vocab_parallel_loss=dims.tp > 1,
+        expert_grad_divisor=dims.ep,
     )
     if dims.pp > 1:
         return _pipeline_engine(cfg, dims, mesh, dtype, torch_device, common)
@@ -117,8 +127,8 @@ def build_engine(
     model = materialize(model, cfg.model, torch_device, cfg.train.seed)
     if mesh is not None and engine_kind == DPEngine.ddp and dims.dp > 1:
         model = apply_ddp(model, mesh["dp"])
-    loss_group = mesh["dp"].get_group() if mesh is not None and dims.dp > 1 else None
-    return NativeEngine([model], loss_group=loss_group, **common)
+    data_group = mesh["dp"].get_group() if mesh is not None and dims.dp > 1 else None
+    return NativeEngine([model], loss_group=data_group, data_group=data_group, **common)
 
 
 def _pipeline_engine(cfg: "Config", dims: ParallelDims, mesh: "Meshes", dtype: Optional[torch.dtype],
@@ -134,7 +144,8 @@ def _pipeline_engine(cfg: "Config", dims: ParallelDims, mesh: "Meshes", dtype: O
     pp_group = mesh["pp"].get_group()
     return PipelineEngine(
         stages, schedule, plan, mesh["pp"].get_local_rank(), pp_group, dims.dp,
-        loss_group=mesh["pp_dp"].get_group(), stage_group=pp_group, **common,
+        loss_group=mesh["pp_dp"].get_group(), stage_group=pp_group,
+        data_group=mesh["dp"].get_group() if dims.dp > 1 else None, **common,
     )
 
 

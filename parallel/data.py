@@ -7,6 +7,7 @@ real tensors (it broadcasts rank 0's weights at construction), so it is applied 
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -24,7 +25,12 @@ def fsdp_mesh(mesh: "Meshes", dp_replicate: int, cp: int) -> "DeviceMesh":
     Context-parallel ranks hold the same weights, so they join the shard group (dp_shard_cp).
     """
     shard = "dp_shard_cp" if cp > 1 else "dp_shard"
-    return mesh["dp_replicate", shard] if dp_replicate > 1 else mesh[shard]
+    if dp_replicate == 1:
+        return mesh[shard]
+    with warnings.catch_warnings():
+        # A 2-D view over a flattened dimension: torch plans to make callers keep such views themselves.
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+        return mesh["dp_replicate", shard]
 
 
 def apply_fsdp(

@@ -20,8 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from launch.device import Device
+from models.moe import set_aux_loss_scale, update_load_balance
 from train.optim import restore_scheduler
 from parallel.engine import Batch, token_cross_entropy
+
+
+def _sum_over_world(stats: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(stats)  # ZeRO is data parallel over every rank
+    return stats
 
 
 def deepspeed_config(
@@ -65,6 +71,7 @@ class DeepSpeedEngine:
         self.model = self.engine.module
         self.torch_device = self.engine.device
         self.autocast_dtype: Optional[torch.dtype] = None  # DeepSpeed's bf16 mode casts the model itself
+        self._routing_metrics: dict[str, Any] = {}
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = (t.to(self.torch_device) for t in batch)
@@ -72,6 +79,8 @@ class DeepSpeedEngine:
 
     def train_step(self, batches: list[Batch], grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.engine.train()
+        # DeepSpeed divides each micro-batch loss by the accumulation steps; the MoE auxiliary gradient must match.
+        set_aux_loss_scale(self.model, 1.0 / len(batches))
         total = torch.zeros((), device=self.torch_device)
         for batch in batches:
             loss = self._loss(batch)
@@ -80,7 +89,11 @@ class DeepSpeedEngine:
             total += loss.detach() / len(batches)
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        self._routing_metrics = update_load_balance(self.model, _sum_over_world)
         return total / dist.get_world_size(), norm
+
+    def routing_metrics(self) -> dict[str, Any]:
+        return self._routing_metrics
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> torch.Tensor:

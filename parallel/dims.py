@@ -1,9 +1,11 @@
 """Parallel degrees: validated against the world size and the model before any process group exists, then turned
 into one named DeviceMesh.
 
-Mesh dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp. Flattened views: `dp` (dp_replicate x
-dp_shard: the ranks that split the batch), `dp_shard_cp` (what FSDP shards over when context parallel is on).
-Expert parallel degree `ep` is carved out of dp_shard x cp (DeepSeek / torchtitan convention).
+Mesh dimensions, outermost first: pp, dp_replicate, efsdp, ep, cp, tp, where dp_shard = efsdp x ep: expert
+parallelism is carved out of the data-parallel shard dimension (DeepSeek / torchtitan convention), and `efsdp`
+counts the ranks that hold the same experts. Flattened views: `dp_shard` (efsdp x ep), `dp` (dp_replicate x dp_shard:
+the ranks that split the batch), `dp_shard_cp` (what FSDP shards over when context parallel is on), `pp_dp` (the
+ranks whose loss shares add up to the global loss under a pipeline).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 
     from train.config import ParallelConfig, TrainConfig
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
 
 
 class LayoutError(ConfigError):
@@ -75,9 +77,9 @@ class ParallelDims:
                 f"the product {product} is not the world size",
                 "make dp_replicate*dp_shard*cp*tp*pp equal the number of processes (dp_shard=-1 fills the rest)",
             )
-        if self.ep > 1 and (self.dp_shard * self.cp) % self.ep:
-            self._fail(f"ep={self.ep} does not divide dp_shard*cp={self.dp_shard * self.cp}",
-                       "experts are sharded over data-parallel ranks: pick ep dividing dp_shard*cp")
+        if self.ep > 1 and self.dp_shard % self.ep:
+            self._fail(f"ep={self.ep} does not divide dp_shard={self.dp_shard}",
+                       "experts are sharded over the data-parallel shard ranks: pick ep dividing dp_shard")
         if self.vpp > 1 and self.pp == 1:
             self._fail(f"vpp={self.vpp} needs pipeline parallelism", "set pp > 1 or vpp=1")
 
@@ -119,8 +121,9 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
-    def enabled(self) -> dict[str, bool]:
-        return {name: getattr(self, name) > 1 for name in MESH_DIMS}
+    def efsdp(self) -> int:
+        """Data-parallel ranks holding the same experts: the shard dimension left after expert parallelism."""
+        return self.dp_shard // self.ep
 
     def grad_accumulation(self, train: "TrainConfig") -> int:
         """Micro-batches each data-parallel rank runs per optimizer step."""
@@ -133,11 +136,11 @@ class ParallelDims:
         shape = tuple(getattr(self, name) for name in MESH_DIMS)
         world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         flat = {
-            "dp": world["dp_replicate", "dp_shard"]._flatten("dp"),
-            "dp_shard_cp": world["dp_shard", "cp"]._flatten("dp_shard_cp"),
-            "dp_cp": world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
-            # Ranks whose loss shares add up to the global loss under a pipeline.
-            "pp_dp": world["pp", "dp_replicate", "dp_shard"]._flatten("pp_dp"),
+            "dp_shard": world["efsdp", "ep"]._flatten("dp_shard"),
+            "dp": world["dp_replicate", "efsdp", "ep"]._flatten("dp"),
+            "dp_shard_cp": world["efsdp", "ep", "cp"]._flatten("dp_shard_cp"),
+            "dp_cp": world["dp_replicate", "efsdp", "ep", "cp"]._flatten("dp_cp"),
+            "pp_dp": world["pp", "dp_replicate", "efsdp", "ep"]._flatten("pp_dp"),
         }
         return Meshes(world, flat)
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from launch.device import Device
+from models.moe import set_aux_loss_scale, suspend_statistics_for_next_forward, update_load_balance
 from train.config import OptimConfig
 from train.optim import build_optimizer, build_scheduler, restore_scheduler
 
@@ -49,6 +50,9 @@ class Engine(Protocol):
     def checkpoint_info(self) -> dict[str, Any]: ...
 
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def routing_metrics(self) -> dict[str, Any]:
+        """MoE expert load of the last step (empty for a dense model); a collective under pipelines."""
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,6 +131,8 @@ class NativeEngine:
         loss_group: Optional[dist.ProcessGroup] = None,
         vocab_parallel_loss: bool = False,
         stage_group: Optional[dist.ProcessGroup] = None,
+        data_group: Optional[dist.ProcessGroup] = None,
+        expert_grad_divisor: int = 1,
     ) -> None:
         self.parts = parts
         self.optimizers = [build_optimizer(part, optim_cfg) for part in parts]
@@ -137,6 +143,11 @@ class NativeEngine:
         self.loss_group = loss_group
         # Pipeline ranks: each holds different parameters, so gradient norms add across them.
         self.stage_group = stage_group
+        # Ranks that see different tokens (data parallel): MoE token counts add up across them.
+        self.data_group = data_group
+        self._routing_metrics: dict[str, Any] = {}
+        # Expert-parallel gradients arrive summed over the ep group (parallel/expert.py): divide them by ep.
+        self.expert_grad_divisor = expert_grad_divisor
         self.torch_device = next(parts[0].parameters()).device
         # Under TP the logits stay sharded over the vocabulary; loss_parallel computes the loss (and its backward)
         # from the shards without gathering them.
@@ -175,13 +186,37 @@ class NativeEngine:
     def train_step(self, batches: list[Batch], grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         for part in self.parts:
             part.train()
+            # Each micro-batch's loss enters backward scaled like this; the MoE auxiliary loss must be too.
+            set_aux_loss_scale(part, self._aux_loss_scale(len(batches)))
         mean_loss = self._forward_backward(batches)
+        if self.expert_grad_divisor > 1:
+            from parallel.expert import expert_parameters
+
+            for part in self.parts:
+                for param in expert_parameters(part):
+                    if param.grad is not None:
+                        param.grad.div_(self.expert_grad_divisor)
         grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+        # Every step, so the expert biases follow each step's load; identical on all data-parallel replicas.
+        self._routing_metrics = {}
+        for part in self.parts:
+            self._routing_metrics.update(update_load_balance(part, self._sum_over_data_ranks))
         return mean_loss / self._loss_ranks(), grad_norm
+
+    def _aux_loss_scale(self, micro_batches: int) -> float:
+        return 1.0 / micro_batches
+
+    def _sum_over_data_ranks(self, stats: torch.Tensor) -> torch.Tensor:
+        if self.data_group is not None:
+            dist.all_reduce(stats, group=self.data_group)  # SUM
+        return stats
+
+    def routing_metrics(self) -> dict[str, Any]:
+        return self._routing_metrics
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
@@ -276,6 +311,30 @@ class PipelineEngine(NativeEngine):
         self.has_first = 0 in stages
         self.has_last = plan.n_stages - 1 in stages
         self.dp_size = dp_size
+        # torch's pipeline stages run one forward of their own before the first training step to learn tensor
+        # shapes; its routing is not training data, so MoE statistics skip it.
+        for stage in stages.values():
+            suspend_statistics_for_next_forward(stage)
+
+    def _aux_loss_scale(self, micro_batches: int) -> float:
+        return 1.0  # the pipeline schedule divides gradients by the micro-batch count itself
+
+    def routing_metrics(self) -> dict[str, Any]:
+        """Every stage's MoE layers, gathered so that rank 0 can log them."""
+        gathered: list[Optional[dict[str, Any]]] = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(gathered, self._routing_metrics, group=self.pp_group)
+        merged: dict[str, Any] = {}
+        totals: dict[str, list[float]] = defaultdict(list)
+        for stage_metrics in gathered:
+            for key, value in (stage_metrics or {}).items():
+                if key.count("/") == 1:  # a stage's total over its own layers
+                    totals[key].append(value)
+                else:
+                    merged[key] = value
+        # Worst layer of any stage; auxiliary losses add up; the dropped fraction of the worst stage.
+        combine = {"moe/max_mean_load": max, "moe/aux_loss": sum, "moe/dropped_fraction": max}
+        merged.update({key: combine[key](values) for key, values in totals.items()})
+        return merged
 
     def _mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
         if not self.has_last:

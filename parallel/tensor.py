@@ -11,12 +11,14 @@ Model ends:
                (batch, seq, vocab) logits are never gathered
 
 Grouped-query attention with fewer kv heads than tp ranks: the k/v projections stay whole on every rank and each
-rank keeps the one kv head its query heads read (`ReplicatedKVHeads`); their gradients are summed over tp ranks.
+rank keeps the one kv head its query heads read (`ReplicatedSharedHeads`); their gradients are summed over tp ranks.
+MLA: wq / wq_b and wkv_b column-parallel, wo row-parallel, the latent projections replicated, and the rotary key
+all heads share replicated with its gradient summed over tp ranks (`ReplicatedSharedHeads`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -38,15 +40,17 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 
-class ReplicatedKVHeads(ParallelStyle):
-    """k or v projection when n_kv_heads < tp: whole weight on every rank, output narrowed to this rank's kv head.
+class ReplicatedSharedHeads(ParallelStyle):
+    """A projection whose output every rank's heads share: whole weight on every rank, each rank using its part.
 
-    Rank r's query heads are [r * h/tp, (r+1) * h/tp); with tp a multiple of n_kv_heads they all read kv head
-    r // (tp / n_kv_heads), so the attention module sees one local kv head and groups queries as usual. Each rank's
-    gradient covers only its head, so the weight gradient is declared Partial and summed over the tp group.
+    Each rank's gradient then covers only its own heads' use, so the output gradient is declared Partial and summed
+    over the tp group (for the weight, and for the input through the replicated-input conversion).
+    - GQA k or v when n_kv_heads < tp (`head_dim` given): rank r's query heads [r h/tp, (r+1) h/tp) all read kv head
+      r // (tp / n_kv_heads), so the output is narrowed to that head and attention sees one local kv head.
+    - MLA's rotary key (`head_dim` None): one key for all heads, kept whole.
     """
 
-    def __init__(self, head_dim: int, n_kv_heads: int, tp: int) -> None:
+    def __init__(self, head_dim: Optional[int] = None, n_kv_heads: int = 1, tp: int = 1) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.ranks_per_kv_head = tp // n_kv_heads
@@ -62,8 +66,10 @@ class ReplicatedKVHeads(ParallelStyle):
         return (x, *inputs[1:])
 
     def _select_head(self, module: nn.Module, output: DTensor, mesh: "DeviceMesh") -> torch.Tensor:
-        head = mesh.get_local_rank() // self.ranks_per_kv_head
         local = output.to_local(grad_placements=[Partial()])
+        if self.head_dim is None:
+            return local
+        head = mesh.get_local_rank() // self.ranks_per_kv_head
         return local[..., head * self.head_dim : (head + 1) * self.head_dim]
 
     def _apply(self, module: nn.Module, device_mesh: "DeviceMesh") -> nn.Module:
@@ -90,12 +96,18 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
 def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     row_out = Shard(1) if sequence_parallel else Replicate()
     if cfg.attention == AttentionKind.mla:
-        plan: dict[str, ParallelStyle] = {"attention.wkv_b": ColwiseParallel(), "attention.wo": RowwiseParallel(output_layouts=row_out)}
+        plan: dict[str, ParallelStyle] = {
+            "attention.wkv_b": ColwiseParallel(),
+            "attention.wk_rope": ReplicatedSharedHeads(),
+            "attention.wo": RowwiseParallel(output_layouts=row_out),
+        }
         plan["attention.wq_b" if cfg.q_lora_rank else "attention.wq"] = ColwiseParallel()
         return plan
     if cfg.n_kv_heads < tp:
-        kv: ParallelStyle = ReplicatedKVHeads(cfg.head_dim, cfg.n_kv_heads, tp)
-        kv_plan = {"attention.wk": kv, "attention.wv": ReplicatedKVHeads(cfg.head_dim, cfg.n_kv_heads, tp)}
+        kv_plan: dict[str, ParallelStyle] = {
+            "attention.wk": ReplicatedSharedHeads(cfg.head_dim, cfg.n_kv_heads, tp),
+            "attention.wv": ReplicatedSharedHeads(cfg.head_dim, cfg.n_kv_heads, tp),
+        }
     else:
         kv_plan = {"attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel()}
     return {"attention.wq": ColwiseParallel(), **kv_plan, "attention.wo": RowwiseParallel(output_layouts=row_out)}

@@ -90,7 +90,13 @@ class WandbLogger:
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+        self.run.log({k: self._chartable(v) for k, v in metrics.items() if v is not None}, step=step)
+
+    def _chartable(self, value: Any) -> Any:
+        """A list (tokens per expert) becomes a histogram whose bin i is expert i, so wandb can chart it."""
+        if isinstance(value, list):
+            return self._wandb.Histogram(np_histogram=(value, list(range(len(value) + 1))))
+        return value
 
     def finish(self) -> None:
         self.run.finish()
@@ -164,6 +170,8 @@ def format_line(step: int, total: int, metrics: dict[str, Any]) -> str:
         parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
     if "mfu" in metrics and metrics["mfu"] is not None and math.isfinite(metrics["mfu"]):
         parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+    if "moe/max_mean_load" in metrics:
+        parts.append(f"expert load max/mean {metrics['moe/max_mean_load']:.2f}")
     if "memory_bytes" in metrics:
         parts.append(f"mem {metrics['memory_bytes'] / 2**30:.2f} GiB")
     return " | ".join(parts)

@@ -185,6 +185,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu,
                     "memory_bytes": self._max_memory(),
+                    **self.engine.routing_metrics(),
                 }
                 if not math.isfinite(metrics["loss"]):
                     log.warning("step %d: loss is %s", self.step, metrics["loss"])

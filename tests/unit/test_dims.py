@@ -78,3 +78,18 @@ def test_kv_heads_neither_dividing_nor_divided_by_tp():
         check_tensor_parallel(cfg, 4)
     check_tensor_parallel(cfg, 3)  # splits evenly
     check_tensor_parallel(load_config(["model.n_kv_heads=2"]).model, 4)  # replicated kv heads
+
+
+@pytest.mark.parametrize(
+    "world, overrides, expected",
+    [
+        (3, ["model=tiny_moe", "parallel.ep=3"], "ep=3 does not divide n_routed_experts=8"),
+        (4, ["model=tiny_moe", "parallel.ep=4", "parallel.dp_shard=2", "parallel.tp=2"], "ep=4 does not divide dp_shard=2"),
+        (1, ["model=tiny_moe", "model.top_k=9"], "model.top_k=9 exceeds n_routed_experts=8"),
+        (2, ["model=tiny_moe", "parallel.ep=2", "parallel.dp_engine=ddp"], "ep=2 needs dp_engine=fsdp"),
+    ],
+)
+def test_bad_moe_layouts(world, overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        dims(world, *overrides)
+    assert expected in str(error.value) and "\n" not in str(error.value)

@@ -43,7 +43,7 @@ def reference(attention: MultiHeadLatentAttention, x: torch.Tensor, rope) -> tor
     else:
         q = attention.wq(x)
     q = q.view(batch, seq, heads, nope + rot)
-    latent, k_rot = attention.wkv_a(x).split([attention.kv_lora_rank, rot], dim=-1)
+    latent, k_rot = attention.wkv_a(x), attention.wk_rope(x)
     kv = attention.wkv_b(attention.kv_norm(latent)).view(batch, seq, heads, nope + v_dim)
     k_rot = apply_rope(k_rot.view(batch, seq, 1, rot), *rope)
     q_rot = apply_rope(q[..., nope:], *rope)
@@ -84,7 +84,7 @@ def test_parameter_names_and_shapes_follow_the_documented_plan() -> None:
     low_rank = dict(build(mla_config(24)).named_parameters())
     assert {n: tuple(p.shape) for n, p in low_rank.items()} == {
         "wq_a.weight": (24, 64), "q_norm.weight": (24,), "wq_b.weight": (4 * 20, 24),
-        "wkv_a.weight": (16 + 8, 64), "kv_norm.weight": (16,), "wkv_b.weight": (4 * 22, 16),
+        "wkv_a.weight": (16, 64), "wk_rope.weight": (8, 64), "kv_norm.weight": (16,), "wkv_b.weight": (4 * 22, 16),
         "wo.weight": (64, 4 * 10),
     }
     full_rank = dict(build(mla_config(0)).named_parameters())
@@ -107,7 +107,7 @@ def test_heads_split_across_ranks_add_up_to_the_whole() -> None:
                 getattr(part, name).weight = torch.nn.Parameter(getattr(whole, name).weight[rank * rows : (rank + 1) * rows])
             cols = whole.wo.weight.shape[1] // 2
             part.wo.weight = torch.nn.Parameter(whole.wo.weight[:, rank * cols : (rank + 1) * cols])
-            for name in ("wq_a", "wkv_a"):
+            for name in ("wq_a", "wkv_a", "wk_rope"):
                 getattr(part, name).weight.copy_(getattr(whole, name).weight)
         halves.append(part(x))
     torch.testing.assert_close(halves[0] + halves[1], whole(x), rtol=1e-5, atol=1e-5)
