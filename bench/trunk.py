@@ -96,7 +96,6 @@ def _bare_loop_step_times(cfg: Any, steps: int) -> list[float]:
 
 def _trainer_step_times(cfg: Any, steps: int, run_dir: str) -> list[float]:
     import json
-    from pathlib import Path
 
     from launch.env import RankInfo
     from train.__main__ import prepare, train_with

@@ -5,9 +5,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 from conftest import FAST, REPO, clean_env, losses_by_step, read_metrics, run_train
 from train.checkpoint import COMMIT_MARKER, committed_checkpoints

@@ -72,7 +72,6 @@ def test_mla_is_causal() -> None:
     cfg = mla_config()
     attention = build(cfg)
     x = torch.randn(1, 9, 64)
-    rope = rope_for(cfg, 9)
     changed = x.clone()
     changed[:, 5] += 1.0
     before, after = attention(x), attention(changed)
@@ -97,7 +96,6 @@ def test_heads_split_across_ranks_add_up_to_the_whole() -> None:
     cfg = mla_config()
     whole = build(cfg)
     x = torch.randn(2, 6, 64)
-    rope = rope_for(cfg, 6)
     halves = []
     for rank in range(2):
         part = build(cfg)

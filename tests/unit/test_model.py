@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig, flops_per_token, num_params
-from models.transformer import build_model, canonical_name, initialize_weights, materialize
+from models.transformer import build_model, canonical_name, materialize
 from train.config import load_config
 
 
