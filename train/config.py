@@ -94,6 +94,9 @@ class ParallelConfig:
     # Layers per pipeline stage, overriding the even split (length pp * vpp); empty = even split.
     pp_layers: list[int] = field(default_factory=list)
     compile: bool = False
+    # Step time the planner predicted for this layout (it writes this field); the trainer reports its measured step
+    # time beside it. None = not planned.
+    predicted_step_s: Optional[float] = None
     # Seconds a rank waits for the others while starting up, and for one collective during training.
     init_timeout_s: int = 600
     step_timeout_s: int = 1800

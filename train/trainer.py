@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -169,6 +170,8 @@ class Trainer:
         total = cfg.train.steps
         progress = _progress_bar(self.rank, self.step, total)
         last: dict[str, Any] = {}
+        step_times: list[float] = []
+        steps_logged = 0
         started = time.perf_counter()
         self.throughput.restart()
         while self.step < total:
@@ -178,6 +181,9 @@ class Trainer:
             metrics: dict[str, Any] = {}
             if self.step % cfg.logging.every == 0 or self.step == total:
                 tokens_per_s, mfu = self.throughput.report()
+                if steps_logged:  # the first interval holds warm-up: allocation, first collectives
+                    step_times.append(self.tokens_per_step / tokens_per_s)
+                steps_logged += 1
                 metrics = {
                     "loss": self.engine.reduce_loss(loss),
                     "lr": self.engine.lr(),
@@ -204,6 +210,11 @@ class Trainer:
                 self.throughput.restart()
         progress.close()
         last["wall_time_s"] = time.perf_counter() - started
+        if step_times:
+            last["step_time_s"] = statistics.median(step_times)
+            predicted = cfg.parallel.predicted_step_s
+            log.info("step time: measured %.3gs (median of logged intervals)%s", last["step_time_s"],
+                     f", planner predicted {predicted:.3g}s" if predicted else "")
         self.logger.finish()
         self.summary = last
         return last

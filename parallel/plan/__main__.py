@@ -1,0 +1,126 @@
+"""`python -m parallel.plan model=<name> cluster=<name> [plan.global_batch=N plan.seq_len=N plan.tp=8 ...]`
+
+Searches every layout for the cluster's device count, prints the fastest ones that fit, writes the best as
+configs/parallel/<name>.yaml (run it with `python -m train parallel=<name>`), optionally the candidates as JSON
+(plan.out=FILE.json), a picture (plan.plot), and with plan.dry_run=true builds one rank's real sharded model and
+optimizer on the meta device to compare its bytes with the prediction.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from models.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _error(message: str) -> int:
+    print(f"supertrain plan: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        clusters = sorted(p.stem for p in (REPO / "configs" / "cluster").glob("*.yaml"))
+        models = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+        print(__doc__.strip())
+        print(f"\nmodels: {', '.join(models)}\nclusters: {', '.join(clusters)}\nfields: parallel/plan/config.py")
+        return 0
+    try:
+        return run(args)
+    except ConfigError as error:
+        return _error(str(error))
+
+
+def run(args: list[str]) -> int:
+    from models.config import num_params
+    from parallel.plan.config import load_plan_config
+    from parallel.plan.estimate import Estimator, Workload
+    from parallel.plan.report import breakdown, parallel_config, table, write_json, write_parallel_config
+    from parallel.plan.search import Constraints, search
+    from parallel.plan.topology import GIB, build_cluster, describe
+
+    cfg = load_plan_config(args)
+    model, plan = cfg.model, cfg.plan
+    cluster = build_cluster(cfg.cluster)
+    world = cluster.num_devices
+    seq_len = plan.seq_len or min(4096, model.max_seq_len)
+    if seq_len > model.max_seq_len:
+        raise ConfigError(f"plan.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    global_batch = plan.global_batch or 2 * world
+    workload = Workload(model, seq_len, global_batch, plan.precision)
+    constraints = Constraints(**{k: getattr(plan, k) for k in (
+        "tp", "pp", "vpp", "cp", "ep", "dp_replicate", "dp_shard", "micro_batch", "recompute", "schedule",
+        "dp_engine", "zero_stage", "sequence_parallel")})
+
+    print(f"model {model.name}: {num_params(model) / 1e9:.3g}B parameters ({num_params(model, True) / 1e9:.3g}B "
+          f"active); seq_len {seq_len}, global batch {global_batch} sequences ({global_batch * seq_len:,} tokens), "
+          f"{plan.precision}")
+    print(f"cluster {describe(cluster)}")
+    from parallel.plan.software import SUPERTRAIN, SUPERTRAIN_CPU
+
+    estimator = Estimator(workload, cluster, SUPERTRAIN_CPU if cluster.host else SUPERTRAIN)
+    result = search(estimator, world, constraints, keep=max(plan.keep, plan.top))
+    fixed = constraints.fixed()
+    print(f"searched {result.evaluated:,} layouts in {result.seconds:.2f}s ({result.pruned:,} mesh choices pruned by "
+          f"training state alone; {result.notes[-1]})" + (f"; fixed: {fixed}" if fixed else ""))
+    best = result.best
+    if best is None:
+        from parallel.plan.memory import USABLE_MEMORY_FRACTION
+
+        usable = cluster.device.memory_bytes * USABLE_MEMORY_FRACTION
+        smallest = result.smallest_state
+        if smallest == float("inf"):
+            why = "no layout satisfies the fixed fields and divisibility rules"
+        elif smallest > usable:
+            need = -(-int(world * smallest) // int(usable))
+            why = (f"training state alone needs at least {smallest / GIB:.1f} GiB per device against {usable / GIB:.1f} "
+                   f"GiB usable: use more devices (cluster.num_devices={max(need, world + 1)} or more)")
+        else:
+            why = (f"training state fits ({smallest / GIB:.1f} of {usable / GIB:.1f} GiB usable) but activations do "
+                   f"not: lower plan.seq_len or plan.global_batch, or free a fixed field")
+        return _error(f"no layout of {model.name} fits {world} x {cluster.device.name}"
+                      f"{f' with {fixed}' if fixed else ''}: {why}")
+
+    print()
+    print(table(result.ranked[: plan.top]))
+    print()
+    print(f"best: {best.layout.short()}, micro-batch {best.layout.micro_batch}, recompute {best.layout.recompute}, "
+          f"{best.layout.engine_label()}; {best.memory.gib()['total']:.1f} GiB per device")
+    print(breakdown(best))
+
+    name = plan.name or f"plan_{model.name}_{cluster.name}_{world}"
+    note = (f"{model.name} on {world} x {cluster.device.name} ({cluster.name}), predicted step "
+            f"{best.step_time:.3g}s, MFU {best.mfu:.1%}, {best.memory.gib()['total']:.1f} GiB per device")
+    if plan.write_config:
+        folder = Path(plan.config_dir) if plan.config_dir else REPO / "configs" / "parallel"
+        path = write_parallel_config(folder, name, parallel_config(best, workload, note))
+        launcher = "python" if world == 1 else f"torchrun --nproc_per_node={min(world, cluster.devices_per_node)}"
+        print(f"wrote {path}; run it with: {launcher} -m train model={model.name} parallel={name}")
+    if plan.out:
+        header = {"model": model.name, "cluster": cluster.name, "num_devices": world, "seq_len": seq_len,
+                  "global_batch": global_batch, "precision": plan.precision, "search_seconds": result.seconds}
+        write_json(Path(plan.out), result.ranked[: plan.keep] if plan.keep else result.ranked, header)
+        print(f"wrote {plan.out} ({min(len(result.ranked), plan.keep or len(result.ranked))} candidates, best first)")
+    if plan.plot != "":
+        from parallel.plan.plot import plot_plan
+
+        picture = Path(plan.plot) if plan.plot else REPO / "outputs" / "plan" / f"{name}.png"
+        plot_plan(best, cluster.device.memory_bytes, best.layout.micro_batches(global_batch), note, picture)
+        print(f"wrote {picture}")
+    if plan.dry_run:
+        from parallel.plan.dryrun import dry_run, format_dry_run
+
+        started = time.perf_counter()
+        report = dry_run(estimator, best.layout, plan.dry_run_rank)
+        print(format_dry_run(report, time.perf_counter() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

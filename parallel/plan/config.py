@@ -1,0 +1,102 @@
+"""The planner's typed configuration: `configs/plan.yaml` composes `model/` and `cluster/` over this schema.
+
+`python -m parallel.plan model=deepseek_v3 cluster=cloudmatrix384 plan.global_batch=1536 plan.tp=8` — every plan.*
+degree left null is searched; any degree set is kept as given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.config import ConfigError, ModelConfig
+from parallel.plan.topology import ClusterConfig
+
+
+@dataclass
+class PlanFields:
+    # Sequences per optimizer step; null = 2 per device.
+    global_batch: Optional[int] = None
+    # Tokens per sequence; null = min(4096, model.max_seq_len).
+    seq_len: Optional[int] = None
+    # bf16 (mixed precision) or fp32.
+    precision: str = "bf16"
+    # Fixed degrees and choices (null = search). dp_engine: fsdp | ddp | deepspeed; recompute: none | selective |
+    # full; schedule: gpipe | 1f1b | interleaved_1f1b | zero_bubble | dualpipev.
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    vpp: Optional[int] = None
+    cp: Optional[int] = None
+    ep: Optional[int] = None
+    dp_replicate: Optional[int] = None
+    dp_shard: Optional[int] = None
+    micro_batch: Optional[int] = None
+    recompute: Optional[str] = None
+    schedule: Optional[str] = None
+    dp_engine: Optional[str] = None
+    zero_stage: Optional[int] = None
+    sequence_parallel: Optional[bool] = None
+    # Rows of the ranked table printed.
+    top: int = 10
+    # Write the ranked candidates (best first) to this JSON file.
+    out: Optional[str] = None
+    # Candidates kept in the JSON.
+    keep: int = 200
+    # Name of the written configs/parallel/<name>.yaml; null = plan_<model>_<cluster>_<devices>.
+    name: Optional[str] = None
+    # Folder for the parallel config; null = configs/parallel of this repository.
+    config_dir: Optional[str] = None
+    # Write the best layout as a parallel config.
+    write_config: bool = True
+    # PNG of the chosen layout's memory breakdown and pipeline timeline; null = outputs/plan/<name>.png; "" = none.
+    plot: Optional[str] = None
+    # Build one rank's real sharded model and optimizer on the meta device under a fake process group of the full
+    # world size, and compare its parameter and optimizer bytes with the prediction.
+    dry_run: bool = False
+    # Which global rank the dry run builds.
+    dry_run_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"plan.precision={self.precision!r} must be bf16 or fp32")
+        for key in ("global_batch", "seq_len"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"plan.{key}={value} must be >= 1 (or null for the default)")
+        if self.top < 1 or self.keep < 0:
+            raise ConfigError(f"plan.top={self.top} must be >= 1 and plan.keep={self.keep} >= 0")
+
+
+@dataclass
+class PlanConfig:
+    # MISSING, not ModelConfig(): a default instance would carry its derived fields (head_dim, n_kv_heads) into
+    # every model file that leaves them unset (as train/config.py does for the same reason).
+    model: ModelConfig = MISSING
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanFields = field(default_factory=PlanFields)
+
+
+def register_plan_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
+
+
+def load_plan_config(overrides: list[str]) -> PlanConfig:
+    """Compose configs/plan.yaml with overrides into a validated PlanConfig (ConfigError with one line)."""
+    from train.config import _one_line, _reject_unknown_keys, compose_config
+
+    register_plan_configs()
+    composed = compose_config(overrides, config_name="plan")
+    _reject_unknown_keys(composed, PlanConfig, "")
+    try:
+        config = OmegaConf.to_object(composed)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError) as error:
+        raise ConfigError(_one_line(error)) from None
+    assert isinstance(config, PlanConfig)
+    return config

@@ -1,0 +1,123 @@
+"""Dry run: build one rank's real sharded model and optimizer for a layout, on the meta device, under a fake
+process group of the full world size, and compare its parameter and optimizer-state bytes with the prediction.
+
+Nothing is allocated (meta tensors) and nothing is sent (torch's "fake" backend answers every collective
+locally), so a 768-rank layout is checked on a laptop. What is built is the same code path `train` runs:
+parallel/pipeline.py cuts the stage, parallel/apply.parallelize applies TP and FSDP2 on the mesh of
+parallel/dims.py, and AdamW's state is created on meta by one step with zero gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from parallel.plan.estimate import Estimator
+from parallel.plan.layout import Layout
+from parallel.plan.memory import GIB, shard_numel
+from parallel.plan.software import state_bytes
+
+
+@dataclass(frozen=True)
+class DryRunReport:
+    rank: int
+    world_size: int
+    predicted: dict[str, float]
+    built: dict[str, float]
+    note: str = ""
+
+
+def _config_for(estimator: Estimator, layout: Layout) -> Any:
+    from train.config import Config, DPEngine, ParallelConfig, Precision, Recompute, TrainConfig
+
+    wl = estimator.workload
+    counts = list(estimator.stage_split(layout.pp * (2 if layout.schedule in ("zero_bubble", "dualpipev")
+                                                      else layout.vpp))) if layout.pp > 1 else []
+    parallel = ParallelConfig(
+        dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, cp=layout.cp, tp=layout.tp, pp=layout.pp,
+        vpp=layout.vpp, ep=layout.ep, dp_engine=DPEngine(layout.dp_engine),
+        zero_stage=layout.zero_stage if layout.dp_engine == "deepspeed" else 1,
+        sequence_parallel=layout.sequence_parallel, recompute=Recompute(layout.recompute),
+        pp_schedule=layout.schedule, pp_layers=counts,
+    )
+    train = TrainConfig(seq_len=wl.seq_len, global_batch=wl.global_batch, micro_batch=layout.micro_batch,
+                        mixed_precision=Precision(wl.precision))
+    return Config(model=wl.model, parallel=parallel, train=train)
+
+
+def _state_bytes(modules: list[Any], optimizer: Any) -> dict[str, float]:
+    """Bytes this rank holds as parameters (local shards) and optimizer state, counted from tensor metadata."""
+
+    def local(tensor: Any) -> Any:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    params = {id(p): p for module in modules for p in module.parameters()}
+    param_bytes = sum(local(p).numel() * local(p).element_size() for p in params.values())
+    optim_bytes = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if hasattr(value, "numel"):
+                optim_bytes += local(value).numel() * local(value).element_size()
+    return {"parameters": float(param_bytes), "optimizer": float(optim_bytes)}
+
+
+def dry_run(estimator: Estimator, layout: Layout, rank: int = 0) -> DryRunReport:
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from parallel.apply import parallelize
+    from parallel.dims import ParallelDims
+    from parallel.pipeline import build_stage, plan_pipeline
+    from models.transformer import build_model
+
+    cfg = _config_for(estimator, layout)
+    world = layout.world_size
+    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model, cfg.train)
+    if dist.is_initialized():
+        raise RuntimeError("dry run needs a process without a process group (it creates a fake one)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        meshes = dims.build_mesh("cpu")
+        dtype = torch.bfloat16 if estimator.workload.precision == "bf16" else None
+        if layout.pp > 1:
+            plan = plan_pipeline(cfg.model, dims.pp, dims.vpp, layout.schedule, list(cfg.parallel.pp_layers),
+                                 dims.grad_accumulation(cfg.train))
+            pp_rank = meshes["pp"].get_local_rank()
+            stage_ids = plan.stages_of_rank(pp_rank)
+            modules = [parallelize(build_stage(cfg.model, plan, s), cfg, dims, meshes, dtype) for s in stage_ids]
+        else:
+            pp_rank = 0
+            modules = [parallelize(build_model(cfg.model, device="meta"), cfg, dims, meshes, dtype)]
+        params = [p for module in modules for p in module.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        built = _state_bytes(modules, optimizer)
+    finally:
+        dist.destroy_process_group()
+    plan = estimator.rank_plans(layout)[pp_rank]
+    index = layout.shard_index(rank)
+    states = estimator.rank_states(layout, plan, index)[0]
+    # Meta tensors have shapes, not storage: compare the elements each rank holds (FSDP2 pads each shard's
+    # storage to the ceil-sized chunk; that padded figure is what the memory model plans with).
+    policy = state_bytes(layout, estimator.software, estimator.workload.precision)
+    tensors = estimator.rank_tensors(plan, layout)
+    held = shard_numel(tensors, layout, layout.state_shards, index).held if policy.param_sharded else tensors.numel
+    predicted = {"parameters": float(held * policy.param), "optimizer": float(states.optimizer)}
+    note = f"parameter storage with FSDP padding: {states.parameters / GIB:.4f} GiB"
+    return DryRunReport(rank, world, predicted, built, note)
+
+
+def format_dry_run(report: DryRunReport, seconds: float) -> str:
+    lines = [f"dry run: rank {report.rank} of {report.world_size} built on meta under a fake process group "
+             f"in {seconds:.1f}s"]
+    for key in ("parameters", "optimizer"):
+        predicted, built = report.predicted[key], report.built[key]
+        diff = (predicted - built) / built if built else 0.0
+        lines.append(f"  {key:<10} predicted {predicted / GIB:10.4f} GiB   built {built / GIB:10.4f} GiB   "
+                     f"({diff:+.2%})")
+    if report.note:
+        lines.append(f"  ({report.note})")
+    return "\n".join(lines)

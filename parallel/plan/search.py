@@ -1,0 +1,245 @@
+"""Every valid layout for a device count, pruned by memory, ranked by predicted step time.
+
+The search walks the degrees outermost first (tp, cp, pp, data-parallel split, ep, engine) and drops a whole branch
+as soon as its training state alone cannot fit; then, for each pipeline schedule and micro-batch, it takes the
+cheapest recompute mode that fits (none is faster than selective, which is faster than full, with everything else
+equal). Degrees the user fixes (`Constraints`) are the only values tried for them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Optional
+
+from models.config import AttentionKind, ConfigError, ModelConfig
+from parallel.plan.estimate import Estimate, Estimator
+from parallel.plan.layout import DP_ENGINES, RECOMPUTE, SCHEDULES, Layout
+from parallel.plan.memory import USABLE_MEMORY_FRACTION
+from parallel.plan.pipeline import schedule_problem
+from parallel.plan.software import Software
+
+# The widest tensor-parallel group we consider: beyond 16 the per-rank matmuls get thin and every layer waits on
+# four collectives, whatever the link.
+MAX_TP = 16
+# Interleaved schedules beyond 4 chunks per rank gain little bubble and add point-to-point traffic.
+MAX_VPP = 4
+# Context parallel pays off for long sequences only: ring attention hides each K/V hop behind the attention of the
+# chunk at hand only when chunks are long. The search keeps each rank's share at least this long (plan.cp forces
+# any value).
+MIN_CP_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Values the user fixed (None: the search chooses)."""
+
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    vpp: Optional[int] = None
+    cp: Optional[int] = None
+    ep: Optional[int] = None
+    dp_replicate: Optional[int] = None
+    dp_shard: Optional[int] = None
+    micro_batch: Optional[int] = None
+    recompute: Optional[str] = None
+    schedule: Optional[str] = None
+    dp_engine: Optional[str] = None
+    zero_stage: Optional[int] = None
+    sequence_parallel: Optional[bool] = None
+    # Schedules the search may choose from when `schedule` is not fixed (the software may lack some).
+    allowed_schedules: tuple[str, ...] = SCHEDULES
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "vpp", "cp", "ep", "dp_replicate", "dp_shard", "micro_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"plan.{name}={value} must be >= 1 (or null to let the planner choose)")
+        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("dp_engine", DP_ENGINES)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"plan.{name}={value!r} is not one of {', '.join(allowed)}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"plan.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+    def fixed(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None and f.name != "allowed_schedules"}
+
+
+@dataclass
+class SearchResult:
+    ranked: list[Estimate]
+    evaluated: int
+    pruned: int
+    seconds: float
+    # Smallest training-state footprint seen (bytes), to say how far from fitting the best attempt was.
+    smallest_state: float = float("inf")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Optional[Estimate]:
+        return self.ranked[0] if self.ranked else None
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choices(fixed: Optional[int], options: list[int]) -> list[int]:
+    if fixed is None:
+        return options
+    return [fixed] if fixed in options else []
+
+
+def tp_options(model: ModelConfig, world: int, max_tp: int) -> list[int]:
+    options = []
+    for tp in divisors(world):
+        if tp > max_tp:
+            break
+        sizes = [model.n_heads, model.ffn_hidden, model.vocab_size]
+        if model.attention == AttentionKind.gqa:
+            sizes.append(model.n_kv_heads)
+        if model.is_moe:
+            sizes.append(model.moe_ffn_hidden)
+        if all(size % tp == 0 for size in sizes):
+            options.append(tp)
+    return options
+
+
+def _engines(c: Constraints, tp: int, pp: int, cp: int, ep: int, dp: int, software: Software) -> list[tuple[str, int]]:
+    """(dp_engine, zero_stage) pairs that parallel/apply.py runs: FSDP2 (ZeRO-3) with anything; DDP without
+    expert parallelism, and with pipelines only when there is no data parallelism; DeepSpeed for pure data
+    parallelism. Megatron (published runs) has one engine, described by its `Software`."""
+    if software.megatron_states:
+        return [("ddp", 0)]
+    engines: list[tuple[str, int]] = [("fsdp", 3)]
+    if ep == 1 and (pp == 1 or dp == 1):
+        engines.append(("ddp", 0))
+    if tp == pp == cp == ep == 1:
+        engines += [("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+    if c.dp_engine is not None:
+        engines = [e for e in engines if e[0] == c.dp_engine]
+    if c.zero_stage is not None:
+        engines = [e for e in engines if e[1] == c.zero_stage or e[0] == "fsdp" and c.zero_stage == 3]
+    return engines
+
+
+def _schedules(c: Constraints, pp: int, n_layers: int) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("1f1b", 1)] if c.schedule in (None, "1f1b") and c.vpp in (None, 1) else []
+    options = [("gpipe", 1), ("1f1b", 1), ("zero_bubble", 2), ("dualpipev", 2)]
+    options += [("interleaved_1f1b", v) for v in range(2, MAX_VPP + 1)]
+    options = [(s, v) for s, v in options if pp * v <= n_layers]
+    options = [(s, v) for s, v in options if s == c.schedule or c.schedule is None and s in c.allowed_schedules]
+    if c.vpp is not None:
+        options = [(s, v) for s, v in options if v == c.vpp]
+    return options
+
+
+def replicate_options(dp: int, inner: int, domains: list[int]) -> list[int]:
+    """HSDP splits: shard within one domain of a link tier (a node, a supernode), replicate across domains.
+    Plain FSDP (dp_replicate=1) is always an option; other splits are tried when a fixed dp_replicate asks."""
+    options = {1}
+    for span in domains:
+        if span % inner == 0 and dp % (span // inner) == 0:
+            options.add(dp // (span // inner))
+    return sorted(options)
+
+
+def meshes(model: ModelConfig, world: int, seq_len: int, global_batch: int, c: Constraints,
+           max_tp: int = MAX_TP) -> Iterator[tuple[int, int, int, int]]:
+    """(tp, cp, pp, dp) combinations whose product is the world size."""
+    for tp in _choices(c.tp, tp_options(model, world, max_tp)):
+        rest = world // tp
+        cps = [cp for cp in divisors(rest) if seq_len % (2 * cp) == 0 and seq_len // cp >= MIN_CP_CHUNK] or [1]
+        for cp in _choices(c.cp, cps):
+            # Tied embeddings live on one stage only (parallel/dims.py refuses them with pp > 1).
+            pps = [p for p in divisors(rest // cp) if p <= model.n_layers and (p == 1 or not model.tie_embeddings)]
+            for pp in _choices(c.pp, pps):
+                dp = rest // (cp * pp)
+                if global_batch % dp == 0:
+                    yield tp, cp, pp, dp
+
+
+def dp_splits(dp_engine: str, dp: int, inner: int, domains: tuple[int, ...], c: Constraints) -> list[tuple[int, int]]:
+    """(dp_replicate, dp_shard) for an engine: DDP replicates over all of dp, DeepSpeed shards over all of it,
+    FSDP shards (or, as HSDP, shards within a domain and replicates across)."""
+    if dp_engine == "ddp":
+        splits = [(dp, 1)]
+    elif dp_engine == "deepspeed":
+        splits = [(1, dp)]
+    elif c.dp_replicate is not None or c.dp_shard is not None:
+        splits = [(r, dp // r) for r in divisors(dp)]
+    else:
+        splits = [(r, dp // r) for r in replicate_options(dp, inner, list(domains))]
+    return [(r, s) for r, s in splits
+            if (c.dp_replicate is None or r == c.dp_replicate) and (c.dp_shard is None or s == c.dp_shard)]
+
+
+def search(estimator: Estimator, world: int, constraints: Constraints = Constraints(), keep: int = 200,
+           max_tp: Optional[int] = None) -> SearchResult:
+    started = time.perf_counter()
+    wl = estimator.workload
+    model = wl.model
+    capacity = estimator.cluster.device.memory_bytes * USABLE_MEMORY_FRACTION
+    if max_tp is None:
+        first = estimator.cluster.tiers[0].span or world
+        max_tp = min(MAX_TP, max(first, 1))
+    domains = tuple(t.span for t in estimator.cluster.tiers if 0 < t.span < world)
+    found: list[Estimate] = []
+    evaluated = pruned = 0
+    smallest = float("inf")
+    c = constraints
+    sp_options = [None] if c.sequence_parallel is None else [c.sequence_parallel]
+    for tp, cp, pp, dp in meshes(model, world, wl.seq_len, wl.global_batch, c, max_tp):
+        for dp_engine, zero_stage in _engines(c, tp, pp, cp, 1, dp, estimator.software):
+            for dp_replicate, dp_shard in dp_splits(dp_engine, dp, tp * cp, domains, c):
+                eps = [1]
+                if model.is_moe and dp_engine == "fsdp":
+                    eps = [e for e in divisors(dp_shard) if model.n_routed_experts % e == 0]
+                for ep in _choices(c.ep, eps):
+                    for sequence_parallel in sp_options:
+                        base = Layout(tp=tp, pp=pp, cp=cp, ep=ep, dp_replicate=dp_replicate, dp_shard=dp_shard,
+                                      dp_engine=dp_engine, zero_stage=zero_stage,
+                                      sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel)
+                        floor = estimator.state_floor(base)
+                        smallest = min(smallest, floor)
+                        if floor > capacity:
+                            pruned += 1
+                            continue
+                        for schedule, vpp in _schedules(c, pp, model.n_layers):
+                            found_here, count = _micro_batches(
+                                estimator, base.with_(schedule=schedule, vpp=vpp), dp, c, capacity)
+                            evaluated += count
+                            found.extend(found_here)
+    # Equal times: prefer the engine supertrain runs natively, then the smaller footprint.
+    preference = {"fsdp": 0, "ddp": 1, "deepspeed": 2}
+    found.sort(key=lambda e: (round(e.step_time, 9), preference[e.layout.dp_engine], e.memory.total))
+    result = SearchResult(found[:keep] if keep else found, evaluated, pruned, time.perf_counter() - started, smallest)
+    result.notes.append(f"{len(found)} layouts fit")
+    return result
+
+
+def _micro_batches(estimator: Estimator, base: Layout, dp: int, c: Constraints, capacity: float
+                   ) -> tuple[list[Estimate], int]:
+    wl = estimator.workload
+    per_rank = wl.global_batch // dp
+    found, evaluated = [], 0
+    for micro_batch in _choices(c.micro_batch, divisors(per_rank)):
+        layout = base.with_(micro_batch=micro_batch)
+        m = layout.micro_batches(wl.global_batch)
+        if schedule_problem(layout.schedule, layout.pp, layout.vpp, m, wl.model.n_layers):
+            continue
+        fitted = False
+        for recompute in ([c.recompute] if c.recompute else list(RECOMPUTE)):
+            candidate = layout.with_(recompute=recompute)
+            memory = estimator.memory(candidate)
+            evaluated += 1
+            if memory[0].total <= capacity:
+                found.append(estimator.evaluate(candidate, memory))
+                fitted = True
+                break
+        if not fitted and c.micro_batch is None:
+            break  # a larger micro-batch needs more memory still
+    return found, evaluated
