@@ -282,18 +282,23 @@ def compose_config(overrides: list[str], config_name: str = "train") -> Any:
         raise ConfigError(_one_line(error)) from None
 
 
-def load_config(overrides: list[str]) -> Config:
-    """Compose configs/train.yaml with command-line overrides into a validated `Config`."""
-    composed = compose_config(overrides)
-    _reject_unknown_keys(composed, Config, "")
+def load_typed_config(overrides: list[str], config_name: str, schema: type) -> Any:
+    """Compose configs/<config_name>.yaml with overrides into a validated instance of the dataclass `schema`."""
+    composed = compose_config(overrides, config_name)
+    _reject_unknown_keys(composed, schema, "")
     try:
         config = OmegaConf.to_object(composed)
     except ConfigError:
         raise
     except (OmegaConfBaseException, ValueError) as error:
         raise ConfigError(_one_line(error)) from None
-    assert isinstance(config, Config)
+    assert isinstance(config, schema)
     return config
+
+
+def load_config(overrides: list[str]) -> Config:
+    """Compose configs/train.yaml with command-line overrides into a validated `Config`."""
+    return load_typed_config(overrides, "train", Config)
 
 
 def to_plain_dict(config: Config) -> dict:

@@ -54,9 +54,7 @@ def run(args: list[str]) -> int:
         raise ConfigError(f"plan.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     global_batch = plan.global_batch or 2 * world
     workload = Workload(model, seq_len, global_batch, plan.precision)
-    constraints = Constraints(**{k: getattr(plan, k) for k in (
-        "tp", "pp", "vpp", "cp", "ep", "dp_replicate", "dp_shard", "micro_batch", "recompute", "schedule",
-        "dp_engine", "zero_stage", "sequence_parallel")})
+    constraints = Constraints.of(plan)
 
     print(f"model {model.name}: {num_params(model) / 1e9:.3g}B parameters ({num_params(model, True) / 1e9:.3g}B "
           f"active); seq_len {seq_len}, global batch {global_batch} sequences ({global_batch * seq_len:,} tokens), "

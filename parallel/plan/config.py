@@ -9,36 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from models.config import ConfigError, ModelConfig
+from parallel.plan.search import FixedChoices
 from parallel.plan.topology import ClusterConfig
 
 
 @dataclass
-class PlanFields:
+class PlanFields(FixedChoices):
+    """plan.*: the workload, what to write, and (inherited) every degree or choice the user may fix, null = search:
+    tp pp vpp cp ep dp_replicate dp_shard micro_batch recompute (none | selective | full) schedule (gpipe | 1f1b |
+    interleaved_1f1b | zero_bubble | dualpipev) dp_engine (fsdp | ddp | deepspeed) zero_stage sequence_parallel."""
+
     # Sequences per optimizer step; null = 2 per device.
     global_batch: Optional[int] = None
     # Tokens per sequence; null = min(4096, model.max_seq_len).
     seq_len: Optional[int] = None
     # bf16 (mixed precision) or fp32.
     precision: str = "bf16"
-    # Fixed degrees and choices (null = search). dp_engine: fsdp | ddp | deepspeed; recompute: none | selective |
-    # full; schedule: gpipe | 1f1b | interleaved_1f1b | zero_bubble | dualpipev.
-    tp: Optional[int] = None
-    pp: Optional[int] = None
-    vpp: Optional[int] = None
-    cp: Optional[int] = None
-    ep: Optional[int] = None
-    dp_replicate: Optional[int] = None
-    dp_shard: Optional[int] = None
-    micro_batch: Optional[int] = None
-    recompute: Optional[str] = None
-    schedule: Optional[str] = None
-    dp_engine: Optional[str] = None
-    zero_stage: Optional[int] = None
-    sequence_parallel: Optional[bool] = None
     # Rows of the ranked table printed.
     top: int = 10
     # Write the ranked candidates (best first) to this JSON file.
@@ -87,16 +76,7 @@ def register_plan_configs() -> None:
 
 def load_plan_config(overrides: list[str]) -> PlanConfig:
     """Compose configs/plan.yaml with overrides into a validated PlanConfig (ConfigError with one line)."""
-    from train.config import _one_line, _reject_unknown_keys, compose_config
+    from train.config import load_typed_config
 
     register_plan_configs()
-    composed = compose_config(overrides, config_name="plan")
-    _reject_unknown_keys(composed, PlanConfig, "")
-    try:
-        config = OmegaConf.to_object(composed)
-    except ConfigError:
-        raise
-    except (OmegaConfBaseException, ValueError) as error:
-        raise ConfigError(_one_line(error)) from None
-    assert isinstance(config, PlanConfig)
-    return config
+    return load_typed_config(overrides, "plan", PlanConfig)

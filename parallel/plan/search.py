@@ -30,9 +30,9 @@ MAX_VPP = 4
 MIN_CP_CHUNK = 4096
 
 
-@dataclass(frozen=True)
-class Constraints:
-    """Values the user fixed (None: the search chooses)."""
+@dataclass
+class FixedChoices:
+    """Degrees and choices the user fixed (None: the search chooses); also the plan.* fields of the CLI."""
 
     tp: Optional[int] = None
     pp: Optional[int] = None
@@ -47,6 +47,12 @@ class Constraints:
     dp_engine: Optional[str] = None
     zero_stage: Optional[int] = None
     sequence_parallel: Optional[bool] = None
+
+
+@dataclass
+class Constraints(FixedChoices):
+    """What the search must respect: the fixed choices, checked, and the schedules the software offers."""
+
     # Schedules the search may choose from when `schedule` is not fixed (the software may lack some).
     allowed_schedules: tuple[str, ...] = SCHEDULES
 
@@ -63,8 +69,11 @@ class Constraints:
             raise ConfigError(f"plan.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
 
     def fixed(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None and f.name != "allowed_schedules"}
+        return {f.name: getattr(self, f.name) for f in fields(FixedChoices) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def of(cls, choices: FixedChoices, **extra: object) -> "Constraints":
+        return cls(**{f.name: getattr(choices, f.name) for f in fields(FixedChoices)}, **extra)
 
 
 @dataclass
