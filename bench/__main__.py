@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("trunk", "pipeline")
+BENCHMARKS = ("trunk", "pipeline", "moe_load")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
