@@ -179,7 +179,8 @@ class Trainer:
             self.throughput.add(self.tokens_per_step)
             progress.update(1)
             metrics: dict[str, Any] = {}
-            if self.step % cfg.logging.every == 0 or self.step == total:
+            # Step 1 too: the starting loss is the first thing a user checks.
+            if self.step % cfg.logging.every == 0 or self.step in (1, total):
                 tokens_per_s, mfu = self.throughput.report()
                 if steps_logged:  # the first interval holds warm-up: allocation, first collectives
                     step_times.append(self.tokens_per_step / tokens_per_s)
