@@ -61,11 +61,12 @@ def lookup_peak_flops(device_name: str) -> Optional[PeakFlops]:
 
 
 @functools.lru_cache(maxsize=4)
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 10) -> float:
     """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s)."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: first call pays for allocation and kernel selection
+    for _ in range(2):  # warm-up: the first calls pay for allocation and kernel selection (oneDNN JIT for bf16)
+        a @ b
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -66,10 +66,11 @@ class Trainer:
         self.step = 0
 
         self.checkpoints = ckpt.CheckpointManager(run_dir / "checkpoints", rank, barrier, cfg.checkpoint.keep_last)
-        self.logger = build_logger(cfg.logging, rank, run_dir, to_plain_dict(cfg))
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         dtype = training_dtype(cfg, device) or torch.float32
+        # Before wandb starts: on CPU the peak is measured, and wandb's service process would compete for the cores.
         self.peak = device.peak_flops(dtype)
+        self.logger = build_logger(cfg.logging, rank, run_dir, to_plain_dict(cfg))
         self.throughput = Throughput(self.flops_per_token, self.peak.flops, dims.world_size)
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
 
