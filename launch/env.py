@@ -44,9 +44,10 @@ def backend_environment(device: Device, init_timeout_s: int, step_timeout_s: int
     if device.kind != NPU:
         return {}
     return {
-        # HCCL waits this long (s) for all ranks to connect, and this long for one collective to finish.
-        "HCCL_CONNECT_TIMEOUT": str(min(init_timeout_s, 7200)),
-        "HCCL_EXEC_TIMEOUT": str(min(step_timeout_s, 17340)),
+        # HCCL waits this long (s) for all ranks to connect, and this long for one collective to finish; CANN accepts
+        # [120, 7200] and [68, 17340] (CANN environment-variable reference), so values are clamped into them.
+        "HCCL_CONNECT_TIMEOUT": str(min(max(init_timeout_s, 120), 7200)),
+        "HCCL_EXEC_TIMEOUT": str(min(max(step_timeout_s, 68), 17340)),
     }
 
 

@@ -78,3 +78,13 @@ def test_no_device_literal_outside_the_device_abstraction():
                 if pattern.search(line):
                     offenders.append(f"{file.relative_to(REPO)}:{number}")
     assert not offenders, offenders
+
+
+def test_hccl_timeouts_follow_config_within_cann_ranges():
+    from launch.device import Device
+    from launch.env import backend_environment
+
+    npu = Device("npu")  # the environment is pure arithmetic: no torch_npu needed
+    assert backend_environment(npu, 600, 1800) == {"HCCL_CONNECT_TIMEOUT": "600", "HCCL_EXEC_TIMEOUT": "1800"}
+    assert backend_environment(npu, 10, 99999) == {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "17340"}
+    assert backend_environment(resolve_device("cpu"), 600, 1800) == {}
