@@ -1,7 +1,8 @@
 """Turn a config, a device and a mesh into a training engine, applying parallelism in one fixed order:
 
-    build on meta -> TP (+SP) -> EP -> activation checkpointing -> compile -> FSDP2 (experts over the ranks that
-    hold the same experts, then the rest over all data ranks) -> materialize + seeded init -> DDP
+    build on meta (a pipeline rank builds only its stages) -> TP (+SP) -> EP -> activation checkpointing ->
+    compile -> FSDP2 (experts over the ranks that hold the same experts, then the rest over all data ranks) ->
+    materialize + seeded init -> DDP
 
 DeepSpeed takes the materialized model and wraps it in its own engine instead of FSDP/DDP.
 """
@@ -63,22 +64,23 @@ def check_supported(cfg: "Config", dims: ParallelDims) -> None:
         if engine == DPEngine.ddp and dims.dp > 1:
             raise LayoutError(f"pp={dims.pp} with dp_engine=ddp is not supported: use dp_engine=fsdp with pipelines")
         pipeline_plan(cfg, dims)
-    pending = {"tp": dims.tp, "pp": dims.pp, "cp": dims.cp, "ep": dims.ep}
-    for name, degree in pending.items():
-        if degree > 1 and name not in SUPPORTED_DEGREES:
-            raise LayoutError(f"parallel.{name}={degree} is not implemented yet: use {name}=1")
+    if dims.cp > 1:
+        raise LayoutError(
+            f"parallel.cp={dims.cp}: context parallelism is not implemented in training yet (the planner models it): "
+            f"use cp=1"
+        )
 
 
-# Kinds of model parallelism this build can apply (grows as they land).
-SUPPORTED_DEGREES: frozenset[str] = frozenset({"tp", "pp", "ep"})
+def _uses_fsdp(cfg: "Config", dims: ParallelDims, mesh: Optional["Meshes"]) -> bool:
+    from train.config import DPEngine
+
+    return mesh is not None and cfg.parallel.dp_engine == DPEngine.fsdp and dims.dp * dims.cp > 1
 
 
 def parallelize(
     model: nn.Module, cfg: "Config", dims: ParallelDims, mesh: Optional["Meshes"], param_dtype: Optional[torch.dtype]
 ) -> nn.Module:
     """Apply every meta-device transformation, in the fixed order, to a freshly built model."""
-    from train.config import DPEngine
-
     if dims.tp > 1:
         model = apply_tensor_parallel(model, cfg.model, mesh["tp"], cfg.parallel.sequence_parallel)
     if dims.ep > 1:
@@ -87,7 +89,7 @@ def parallelize(
     if cfg.parallel.compile:
         for block in model.layers.values():
             block.compile()  # per block, in place: parameter names do not change
-    if mesh is not None and cfg.parallel.dp_engine == DPEngine.fsdp and dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+    if _uses_fsdp(cfg, dims, mesh):
         if dims.ep > 1:
             expert_mesh = mesh["dp_replicate", "efsdp"] if dims.dp_replicate > 1 else mesh["efsdp"]
             apply_expert_fsdp(model, expert_mesh, param_dtype, reshard=True)
@@ -111,13 +113,12 @@ def build_engine(
     torch_device = device.torch_device(local_rank)
     if engine_kind == DPEngine.deepspeed:
         return _deepspeed_engine(cfg, device, dims, dtype, torch_device)
-    sharded = mesh is not None and engine_kind == DPEngine.fsdp and dims.dp * dims.cp > 1
     common = dict(
         optim_cfg=cfg.optim,
         total_steps=cfg.train.steps,
         device=device,
         # Under FSDP the mixed-precision policy already computes in bf16; autocast would only add casts.
-        autocast_dtype=None if sharded else dtype,
+        autocast_dtype=None if _uses_fsdp(cfg, dims, mesh) else dtype,
         vocab_parallel_loss=dims.tp > 1,
         expert_grad_divisor=dims.ep,
     )
@@ -139,9 +140,9 @@ def _pipeline_engine(cfg: "Config", dims: ParallelDims, mesh: "Meshes", dtype: O
     for stage in stage_ids:
         module = parallelize(build_stage(cfg.model, plan, stage), cfg, dims, mesh, dtype)
         stages[stage] = materialize(module, cfg.model, torch_device, cfg.train.seed)
-    schedule = build_schedule(plan, stages, torch_device, mesh["pp"].get_group(), dims.grad_accumulation(cfg.train),
-                              token_cross_entropy)
     pp_group = mesh["pp"].get_group()
+    schedule = build_schedule(plan, stages, torch_device, pp_group, dims.grad_accumulation(cfg.train),
+                              token_cross_entropy)
     return PipelineEngine(
         stages, schedule, plan, mesh["pp"].get_local_rank(), pp_group, dims.dp,
         loss_group=mesh["pp_dp"].get_group(), stage_group=pp_group,
