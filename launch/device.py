@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -201,7 +200,3 @@ def resolve_device(kind: str = "auto") -> Device:
     if not module.is_available():
         raise DeviceError("device=npu but torch_npu sees no NPU: check the driver, CANN and ASCEND_RT_VISIBLE_DEVICES")
     return Device(NPU, module)
-
-
-def local_rank_from_env() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

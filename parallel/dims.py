@@ -10,7 +10,6 @@ ranks whose loss shares add up to the global loss under a pipeline).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -166,8 +165,3 @@ class Meshes:
 
 def _degrees(dp_replicate: int, dp_shard: int | str, cp: int, tp: int, pp: int, ep: int) -> str:
     return f"dp_replicate={dp_replicate} dp_shard={dp_shard} cp={cp} tp={tp} pp={pp} ep={ep}"
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-

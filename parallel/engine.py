@@ -341,9 +341,13 @@ class PipelineEngine(NativeEngine):
             return torch.zeros((), device=self.torch_device)
         return torch.stack([_plain(loss.detach()) for loss in losses]).mean()
 
+    def _whole_batch(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank's micro-batches as one batch: the schedule splits it again into n_microbatches chunks."""
+        return (torch.cat([b[0] for b in batches]).to(self.torch_device),
+                torch.cat([b[1] for b in batches]).to(self.torch_device))
+
     def _forward_backward(self, batches: list[Batch]) -> torch.Tensor:
-        inputs = torch.cat([b[0] for b in batches]).to(self.torch_device)
-        targets = torch.cat([b[1] for b in batches]).to(self.torch_device)
+        inputs, targets = self._whole_batch(batches)
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         kwargs = {"target": targets, "losses": losses} if self.has_last else {}
@@ -357,8 +361,7 @@ class PipelineEngine(NativeEngine):
 
         for part in self.parts:
             part.eval()
-        inputs = torch.cat([b[0] for b in batches]).to(self.torch_device)
-        targets = torch.cat([b[1] for b in batches]).to(self.torch_device)
+        inputs, targets = self._whole_batch(batches)
         with self.loss_context(), self.device.autocast(self.autocast_dtype):
             losses = forward_only_losses(self.plan, self.stages, self.pp_rank, self.pp_group, inputs, targets,
                                          len(batches), token_cross_entropy)

@@ -68,7 +68,7 @@ class ExpertParallel(ParallelStyle):
         arrived = all_to_all_single_autograd(tokens, recv_splits, send_splits, group)
         # Arrived rows are ordered (peer, expert); the experts want them ordered (expert, peer).
         block_sizes = received.flatten()
-        block_starts = torch.cumsum(block_sizes, 0) - block_sizes
+        block_starts = _exclusive_cumsum(block_sizes)
         by_expert = block_starts.view(ep, local_experts).t().flatten()
         sizes_by_expert = block_sizes.view(ep, local_experts).t().flatten()
         regroup = torch.repeat_interleave(by_expert - _exclusive_cumsum(sizes_by_expert), sizes_by_expert)

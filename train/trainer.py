@@ -47,7 +47,6 @@ class Trainer:
         self.device = device
         self.dims = dims
         self.rank = rank
-        self.mesh = mesh
         self.run_dir = run_dir
         # Checked first: a wrong checkpoint.resume must fail before minutes of set-up, not after.
         self.resume_path = ckpt.resolve_resume(run_dir / "checkpoints", cfg.checkpoint.resume)
