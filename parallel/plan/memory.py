@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from models.config import Activation, AttentionKind, ModelConfig
+from models.cpu_attention import covers_sequence, saved_probabilities_per_query
 from parallel.plan.layout import Layout
 from parallel.plan.params import StageTensors, chunk_rows
 from parallel.plan.software import SUPERTRAIN, Software, state_bytes
@@ -168,18 +169,28 @@ def _norm_elements(d: int, shape: TokenShape) -> tuple[float, float]:
     return 3 * d, 1
 
 
+def _attention_kernel(cfg: ModelConfig, shape: TokenShape, software: Software) -> tuple[bool, bool]:
+    """(fused, blocked): whether attention runs a flash kernel, and whether it runs models/cpu_attention.py.
+    Neither means SDPA's math path, which keeps the seq x seq scores."""
+    blocked = software.blocked_cpu_attention and shape.act_bytes == 4 and covers_sequence(shape.seq_len)
+    return software.fused_attention(cfg.qk_head_dim, cfg.value_head_dim) and not blocked, blocked
+
+
 def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software = SUPERTRAIN) -> tuple[float, float]:
     """(act-dtype, fp32) elements per token that one attention block saves, norm included."""
     t = shape.tp
     act, fp32 = _norm_elements(cfg.d_model, shape)
     h = cfg.n_heads
-    fused = software.fused_attention(cfg.qk_head_dim, cfg.value_head_dim)
+    fused, blocked = _attention_kernel(cfg, shape, software)
     if cfg.attention == AttentionKind.mla:
         # Low-rank paths are replicated over tp: down-projection output, its norm (input, x/rms) and the
         # normalised input of the up-projection, for the query (if low-rank) and for the compressed kv.
         act += 3 * cfg.q_lora_rank + 3 * cfg.kv_lora_rank
         fp32 += (1 if cfg.q_lora_rank else 0) + 1
-        if fused:
+        if blocked:
+            # Contiguous per-head copies of q (scaled), k and v, the output and the block-causal probabilities.
+            act += h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim + saved_probabilities_per_query(shape.seq_len)) / t
+        elif fused:
             # q and k (rotary part concatenated), v as a view of the whole kv up-projection, the output.
             act += h * (2 * cfg.qk_head_dim + cfg.qk_nope_head_dim + 2 * cfg.v_head_dim) / t
             fp32 += h / t  # log-sum-exp
@@ -189,7 +200,10 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
         return act, fp32
     # q, k and v expanded to every query head (GQA repeats kv before SDPA), and the attention output.
     act += 4 * h * cfg.head_dim / t
-    fp32 += h / t  # log-sum-exp per head
+    if blocked:
+        act += h * saved_probabilities_per_query(shape.seq_len) / t  # instead of a log-sum-exp
+    else:
+        fp32 += h / t  # log-sum-exp per head
     if not software.flash_attention:
         # Unfused kernels keep softmax output (2 bytes), dropout mask (1) and dropout output (2) per score:
         # Korthikanti's 5·a·s² bytes, divided by the act width so the unit stays "elements".
@@ -244,14 +258,16 @@ def selective_elements(cfg: ModelConfig, layer: int, shape: TokenShape, software
                        ) -> tuple[float, float]:
     """(act-dtype, fp32) elements per token that op-level selective recompute keeps (parallel/recompute.py):
     the output of every matmul and of attention (with its log-sum-exp); norms, rotary, GQA expansion and
-    activation functions are recomputed."""
+    activation functions are recomputed. SDPA's math path is matmuls too: its seq x seq scores are kept."""
     t, d, h = shape.tp, cfg.d_model, cfg.n_heads
+    fused, blocked = _attention_kernel(cfg, shape, software)
+    scores = 0.0 if fused or blocked else h * shape.seq_len / t
     if cfg.attention == AttentionKind.mla:
         q = (cfg.q_lora_rank + h * cfg.qk_head_dim / t) if cfg.q_lora_rank else h * cfg.qk_head_dim / t
         kv = cfg.kv_lora_rank + cfg.qk_rope_head_dim + h * (cfg.qk_nope_head_dim + cfg.v_head_dim) / t
-        attention = q + kv + h * cfg.v_head_dim / t + d
+        attention = q + kv + h * cfg.v_head_dim / t + d + scores
     else:
-        attention = (h + 2 * cfg.n_kv_heads) * cfg.head_dim / t + h * cfg.head_dim / t + d
+        attention = (h + 2 * cfg.n_kv_heads) * cfg.head_dim / t + h * cfg.head_dim / t + d + scores
     fp32 = h / t
     gates = 2 if cfg.activation == Activation.swiglu else 1
     if not cfg.is_moe_layer(layer):

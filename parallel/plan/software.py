@@ -42,6 +42,9 @@ class Software:
     # The fused attention kernel also takes q/k and v of different head widths (MLA's 192/128). PyTorch's CPU
     # flash kernel does not: SDPA falls back to the math path, which keeps the seq x seq probabilities.
     fused_unequal_head_dims: bool = True
+    # fp32 attention over 512-2048 positions runs models/cpu_attention.py, which keeps its block-causal
+    # probabilities (about seq/2 per query and head) instead of a log-sum-exp.
+    blocked_cpu_attention: bool = False
 
     def fused_attention(self, qk_dim: int, v_dim: int) -> bool:
         return self.flash_attention and (qk_dim == v_dim or self.fused_unequal_head_dims)
@@ -49,9 +52,10 @@ class Software:
 
 SUPERTRAIN = Software("supertrain")
 # supertrain on CPU ranks (the `local` cluster): gloo runs its collectives on the same cores that compute, so
-# nothing overlaps; and PyTorch's CPU flash kernel needs equal q/k and v head widths.
+# nothing overlaps; PyTorch's CPU flash kernel needs equal q/k and v head widths; fp32 attention of 512-2048
+# positions runs our blocked kernel.
 SUPERTRAIN_CPU = Software("supertrain-cpu", overlap_grad_reduce=False, overlap_param_gather=False,
-                          fused_unequal_head_dims=False)
+                          fused_unequal_head_dims=False, blocked_cpu_attention=True)
 MEGATRON_2021 = Software(
     "megatron-lm 2021", flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=False, grad_reduce_bytes=2, megatron_states=True, scatter_gather_p2p=True,

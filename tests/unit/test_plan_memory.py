@@ -67,9 +67,10 @@ def test_states_of_one_unsharded_rank_are_counted_exactly() -> None:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_moe"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_predicted_activations_are_within_10_percent_of_measured(name: str, recompute: str) -> None:
+@pytest.mark.parametrize("seq", [128, 512])  # 512: fp32 attention runs the blocked kernel, which keeps probabilities
+def test_predicted_activations_are_within_10_percent_of_measured(name: str, recompute: str, seq: int) -> None:
     cfg, cluster = setup(name)
-    batch, seq = 2, 128
+    batch = 2
     torch.manual_seed(0)
     model = materialize(apply_recompute(build_model(cfg, "meta"), recompute), cfg, torch.device("cpu"), 0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
