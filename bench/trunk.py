@@ -48,28 +48,41 @@ def _peak() -> float:
     return max(measure_matmul_flops(torch.float32, size, repeats=10) for size in (1024, 2048))
 
 
-def model_flop_rate(head_dim: int, peak: float, steps: int = 6) -> dict[str, float]:
+def model_flop_rate(head_dim: int, rounds: int = 3, steps_per_round: int = 3) -> dict[str, float]:
+    """Fraction of the matmul peak, measured in rounds that each time the peak and then a few model steps, so that
+    drift in this machine's speed (the peak moved between 177 and 203 GFLOP/s across runs) hits both alike."""
     cfg = _config(head_dim)
     model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=0)
     tokens = torch.randint(0, cfg.model.vocab_size, (BATCH, SEQ_LEN + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    times = []
-    for step in range(steps + 2):
+
+    def step() -> float:
         start = time.perf_counter()
         logits = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
         model.zero_grad(set_to_none=True)
-        if step >= 2:  # the first passes pay for allocation
-            times.append(time.perf_counter() - start)
-    step_time = statistics.median(times)
-    tokens_per_s = BATCH * SEQ_LEN / step_time
-    model_flops = flops_per_token(cfg.model, SEQ_LEN) * tokens_per_s
+        return time.perf_counter() - start
+
+    for _ in range(2):  # the first passes pay for allocation
+        step()
+    flops_per_step = flops_per_token(cfg.model, SEQ_LEN) * BATCH * SEQ_LEN
+    fractions, step_times, peaks = [], [], []
+    for _ in range(rounds):
+        peak = _peak()
+        step_time = statistics.median(step() for _ in range(steps_per_round))
+        fractions.append(flops_per_step / step_time / peak)
+        step_times.append(step_time)
+        peaks.append(peak)
+    step_time = statistics.median(step_times)
     return {
         "heads": cfg.model.n_heads,
-        "tokens_per_s": tokens_per_s,
-        "model_flops_per_s": model_flops,
-        "fraction_of_matmul_peak": model_flops / peak,
+        "tokens_per_s": BATCH * SEQ_LEN / step_time,
+        "model_flops_per_s": flops_per_step / step_time,
+        "matmul_peak_flops_per_s": statistics.median(peaks),
+        "fraction_of_matmul_peak": statistics.median(fractions),
+        "fraction_lowest_round": min(fractions),
+        "fraction_highest_round": max(fractions),
     }
 
 
@@ -122,10 +135,8 @@ def trainer_overhead(steps: int = 8, rounds: int = 2) -> dict[str, float]:
 
 
 def run() -> dict[str, Any]:
-    peak = _peak()
-    rates = {f"head_dim_{dim}": model_flop_rate(dim, peak) for dim in HEAD_DIMS}
+    rates = {f"head_dim_{dim}": model_flop_rate(dim) for dim in HEAD_DIMS}
     return {
-        "matmul_peak_flops_per_s": peak,
         "threads": torch.get_num_threads(),
         "model_flop_rate": rates,
         "trainer_overhead": trainer_overhead(),

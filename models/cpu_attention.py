@@ -1,15 +1,14 @@
 """Causal attention for fp32 on CPU, in query blocks that skip the masked half of the score matrix.
 
-ATen's CPU flash-attention kernel works in small tiles (64 queries at 512 positions) and its backward recomputes the
-probabilities; on this project's CPU benchmark it ran at about 55 GFLOP/s of useful work against a matmul rate of
-~190. Here each block of 128 queries is one batched matmul against the keys it may see (none after its own block),
+ATen's CPU flash-attention kernel works in small tiles and its backward recomputes the probabilities; on this
+project's CPU benchmark (head width 64) it ran at about 55 GFLOP/s of useful work against a matmul rate of ~190. Here each block of 128 queries is one batched matmul against the keys it may see (none after its own block),
 so 512 positions cost 10/16 of the full square, and the probabilities are kept for the backward pass instead of
-recomputed. Measured forward + backward on 2 cores, (batch, seq, heads, head_dim):
-(8, 512, 8, 64) 127 -> 83 ms, (8, 512, 4, 128) 95 -> 70 ms, (4, 1024, 4, 128) 135 -> 119 ms,
-(2, 2048, 4, 128) 221 -> 201 ms; below 512 positions ATen's kernel is faster, so it keeps those.
+recomputed. Measured forward + backward on 2 cores (median of 10), (batch, seq, heads, head_dim):
+(8, 512, 8, 64) 115 -> 84 ms, (8, 512, 4, 128) 96 -> 75 ms, (4, 1024, 4, 128) 134 -> 117 ms; at 2048 positions
+the gain is 3% and at 256 ATen's kernel is faster, so only 512-1024 positions come here.
 
-Keeping the probabilities costs about seq/2 floats per query and head, which is why sequences past
-`MAX_POSITIONS` go back to the flash kernel, which keeps none.
+Keeping the probabilities costs about seq/2 floats per query and head (144 MB per layer at batch 8, 8 heads,
+1024 positions), which is the other reason longer sequences stay with the flash kernel, which keeps none.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 
 QUERY_BLOCK = 128
 MIN_POSITIONS = 512
-MAX_POSITIONS = 2048
+MAX_POSITIONS = 1024
 
 
 def blocked_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -42,7 +42,7 @@ class Software:
     # The fused attention kernel also takes q/k and v of different head widths (MLA's 192/128). PyTorch's CPU
     # flash kernel does not: SDPA falls back to the math path, which keeps the seq x seq probabilities.
     fused_unequal_head_dims: bool = True
-    # fp32 attention over 512-2048 positions runs models/cpu_attention.py, which keeps its block-causal
+    # fp32 attention over 512-1024 positions runs models/cpu_attention.py, which keeps its block-causal
     # probabilities (about seq/2 per query and head) instead of a log-sum-exp.
     blocked_cpu_attention: bool = False
 
@@ -52,7 +52,7 @@ class Software:
 
 SUPERTRAIN = Software("supertrain")
 # supertrain on CPU ranks (the `local` cluster): gloo runs its collectives on the same cores that compute, so
-# nothing overlaps; PyTorch's CPU flash kernel needs equal q/k and v head widths; fp32 attention of 512-2048
+# nothing overlaps; PyTorch's CPU flash kernel needs equal q/k and v head widths; fp32 attention of 512-1024
 # positions runs our blocked kernel.
 SUPERTRAIN_CPU = Software("supertrain-cpu", overlap_grad_reduce=False, overlap_param_gather=False,
                           fused_unequal_head_dims=False, blocked_cpu_attention=True)

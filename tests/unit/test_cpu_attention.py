@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from models import cpu_attention
 from models.cpu_attention import blocked_attention_applies, blocked_causal_attention
-from models.ops import apply_rope, causal_attention, rope_tables
+from models.ops import apply_rope, causal_attention, rope_real, rope_tables
 
 
 def sdpa_reference(q, k, v):
@@ -78,11 +78,18 @@ def test_causal_attention_routes_grouped_query_heads_through_the_kernel(monkeypa
     torch.testing.assert_close(out, sdpa_reference(q, *expanded), rtol=1e-5, atol=2e-5)
 
 
-def test_rope_rotates_each_pair_by_its_angle():
+@pytest.mark.parametrize("rope", [apply_rope, rope_real], ids=["complex", "real"])
+def test_rope_rotates_each_pair_by_its_angle(rope):
     seq, dim = 5, 8
     cos, sin = rope_tables(seq, dim, 10000.0, torch.device("cpu"))
-    x = torch.randn(2, seq, 3, dim)
-    even, odd = x[..., 0::2], x[..., 1::2]
     c, s = cos[None, :, None], sin[None, :, None]
-    expected = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
-    torch.testing.assert_close(apply_rope(x, cos, sin), expected)
+
+    def by_hand(x):
+        even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+        return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
+
+    x = torch.randn(2, seq, 3, dim)
+    torch.testing.assert_close(rope(x, cos, sin), by_hand(x))
+    x = x.bfloat16()  # computed in fp32, returned in the input's dtype
+    assert rope(x, cos, sin).dtype == torch.bfloat16
+    torch.testing.assert_close(rope(x, cos, sin), by_hand(x))
