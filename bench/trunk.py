@@ -1,9 +1,10 @@
 """Trunk benchmark: how close one CPU process gets to this machine's matmul peak, and what the trainer costs.
 
 1. Model FLOP rate: forward + backward of a small dense model (d_model 512, 4 layers, seq 512, fp32), counted as
-   `flops_per_token` (6N + attention) x tokens/s, as a fraction of the best fp32 matmul rate measured here
-   (square matmuls of 1024 and 2048). Target >= 0.9. Measured with 4 heads of 128 (the head width of every
-   Llama 3 size) and, for comparison, 8 heads of 64: narrower heads make attention's matmuls less efficient.
+   `flops_per_token` (6N + attention) x tokens/s, as a fraction of the best fp32 matmul rate (square matmuls of
+   1024 and 2048) measured in the same round as the steps; the median over rounds is the figure. Target >= 0.9.
+   Measured with 4 heads of 128 (the head width of every Llama 3 size) and, for comparison, 8 heads of 64:
+   narrower heads make attention's matmuls less efficient.
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
    alternating the two. Target <= 3%.

@@ -258,10 +258,13 @@ def selective_elements(cfg: ModelConfig, layer: int, shape: TokenShape, software
                        ) -> tuple[float, float]:
     """(act-dtype, fp32) elements per token that op-level selective recompute keeps (parallel/recompute.py):
     the output of every matmul and of attention (with its log-sum-exp); norms, rotary, GQA expansion and
-    activation functions are recomputed. SDPA's math path is matmuls too: its seq x seq scores are kept."""
+    activation functions are recomputed. Where SDPA falls back to its math path (unequal head widths on CPU), that
+    path's bmm ops are matmuls too and its seq x seq scores are kept; Megatron's selective recompute (the runs
+    without flash attention) recomputes the whole attention core instead."""
     t, d, h = shape.tp, cfg.d_model, cfg.n_heads
     fused, blocked = _attention_kernel(cfg, shape, software)
-    scores = 0.0 if fused or blocked else h * shape.seq_len / t
+    sdpa_math = software.flash_attention and not fused and not blocked
+    scores = h * shape.seq_len / t if sdpa_math else 0.0
     if cfg.attention == AttentionKind.mla:
         q = (cfg.q_lora_rank + h * cfg.qk_head_dim / t) if cfg.q_lora_rank else h * cfg.qk_head_dim / t
         kv = cfg.kv_lora_rank + cfg.qk_rope_head_dim + h * (cfg.qk_nope_head_dim + cfg.v_head_dim) / t
