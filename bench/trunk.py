@@ -40,8 +40,8 @@ def _config(head_dim: int = HEAD_DIMS[0]) -> Any:
     heads = 512 // head_dim
     return load_config([
         *MODEL, f"model.n_heads={heads}", f"model.n_kv_heads={heads}", "device=cpu", "train.mixed_precision=fp32",
-        f"train.seq_len={SEQ_LEN}", f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}", "train.eval_every=0", "logging.mode=disabled",
-        "logging.every=1", "checkpoint.every=0", "data.max_bytes=4000000",
+        f"train.seq_len={SEQ_LEN}", f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}", "train.eval_every=0",
+        "logging.mode=disabled", "logging.every=1", "checkpoint.every=0", "data.max_bytes=4000000",
     ])
 
 

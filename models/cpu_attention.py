@@ -1,8 +1,9 @@
 """Causal attention for fp32 on CPU, in query blocks that skip the masked half of the score matrix.
 
 ATen's CPU flash-attention kernel works in small tiles and its backward recomputes the probabilities; on this
-project's CPU benchmark (head width 64) it ran at about 55 GFLOP/s of useful work against a matmul rate of ~190. Here each block of 128 queries is one batched matmul against the keys it may see (none after its own block),
-so 512 positions cost 10/16 of the full square, and the probabilities are kept for the backward pass instead of
+project's CPU benchmark (head width 64) it ran at about 55 GFLOP/s of useful work against a matmul rate of ~190.
+Here each block of 128 queries is one batched matmul against the keys it may see (none after its own block), so
+512 positions cost 10/16 of the full square, and the probabilities are kept for the backward pass instead of
 recomputed. Measured forward + backward on 2 cores (median of 10), (batch, seq, heads, head_dim):
 (8, 512, 8, 64) 115 -> 84 ms, (8, 512, 4, 128) 96 -> 75 ms, (4, 1024, 4, 128) 134 -> 117 ms; at 2048 positions
 the gain is 3% and at 256 ATen's kernel is faster, so only 512-1024 positions come here.
@@ -79,12 +80,12 @@ class _BlockedCausalAttention(torch.autograd.Function):
         k_heads, v_heads = _to_batched_heads(k), _to_batched_heads(v)
         probabilities, outputs = [], []
         no_bias = q_scaled.new_zeros(())
+        future = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool, device=q.device).triu_(1)
         for start, end in _query_blocks(seq):
             # baddbmm rather than bmm: op-level selective recompute (parallel/recompute.py) keeps every bmm output,
             # and these seq x seq scores are cheaper to recompute than to keep, as in a flash kernel.
             scores = torch.baddbmm(no_bias, q_scaled[:, start:end], k_heads[:, :end].transpose(1, 2), beta=0)
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
-            scores[:, :, start:end].masked_fill_(future, float("-inf"))
+            scores[:, :, start:end].masked_fill_(future[: end - start, : end - start], float("-inf"))
             block_probabilities = torch.softmax(scores, dim=-1)
             outputs.append(torch.bmm(block_probabilities, v_heads[:, :end]))
             probabilities.append(block_probabilities)
@@ -94,7 +95,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         return _from_batched_heads(out, batch)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         q_scaled, k_heads, v_heads, out, *probabilities = ctx.saved_tensors
         grad_out = _to_batched_heads(grad_out)
         # softmax backward: dS = P * (dP - rowsum(dO * O)); the row sums are shared by every key block.

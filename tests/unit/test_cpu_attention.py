@@ -69,7 +69,12 @@ def test_taken_for_fp32_cpu_in_its_sequence_range_only():
 
 def test_causal_attention_routes_grouped_query_heads_through_the_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr("models.ops.blocked_causal_attention", lambda *t: calls.append(t) or blocked_causal_attention(*t))
+
+    def recording_kernel(*operands):
+        calls.append(operands)
+        return blocked_causal_attention(*operands)
+
+    monkeypatch.setattr("models.ops.blocked_causal_attention", recording_kernel)
     q = torch.randn(1, 512, 4, 16)
     k, v = torch.randn(1, 512, 2, 16), torch.randn(1, 512, 2, 16)
     out = causal_attention(q, k, v)
