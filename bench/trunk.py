@@ -49,7 +49,7 @@ def _peak() -> float:
     return max(measure_matmul_flops(torch.float32, size, repeats=10) for size in (1024, 2048))
 
 
-def model_flop_rate(head_dim: int, rounds: int = 3, steps_per_round: int = 3) -> dict[str, float]:
+def model_flop_rate(head_dim: int, rounds: int = 5, steps_per_round: int = 3) -> dict[str, float]:
     """Fraction of the matmul peak, measured in rounds that each time the peak and then a few model steps, so that
     drift in this machine's speed (the peak moved between 177 and 203 GFLOP/s across runs) hits both alike."""
     cfg = _config(head_dim)
