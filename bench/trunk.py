@@ -22,10 +22,11 @@ from launch.device import measure_matmul_flops
 from models.config import flops_per_token
 from models.transformer import build_model, materialize
 
+D_MODEL = 512
 MODEL = [
     "model.name=bench512",
     "model.n_layers=4",
-    "model.d_model=512",
+    f"model.d_model={D_MODEL}",
     "model.ffn_hidden=1536",
     "model.vocab_size=512",
 ]
@@ -37,7 +38,7 @@ HEAD_DIMS = (128, 64)
 def _config(head_dim: int = HEAD_DIMS[0]) -> Any:
     from train.config import load_config
 
-    heads = 512 // head_dim
+    heads = D_MODEL // head_dim
     return load_config([
         *MODEL, f"model.n_heads={heads}", f"model.n_kv_heads={heads}", "device=cpu", "train.mixed_precision=fp32",
         f"train.seq_len={SEQ_LEN}", f"train.global_batch={BATCH}", f"train.micro_batch={BATCH}", "train.eval_every=0",
