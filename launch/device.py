@@ -61,16 +61,20 @@ def lookup_peak_flops(device_name: str) -> Optional[PeakFlops]:
 
 @functools.lru_cache(maxsize=4)
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 10) -> float:
-    """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s)."""
+    """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s), over every
+    matmul the model may run in `dtype` (torch.mm, and oneDNN's for fp32: models/cpu_linear.py)."""
+    from models.cpu_linear import matmul_kernels
+
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
-    for _ in range(2):  # warm-up: the first calls pay for allocation and kernel selection (oneDNN JIT for bf16)
-        a @ b
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    for kernel in matmul_kernels(dtype).values():
+        for _ in range(2):  # warm-up: the first calls pay for allocation and kernel selection (oneDNN's JIT)
+            kernel(a, b)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel(a, b)
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
@@ -146,7 +150,8 @@ class Device:
         the training dtype, since no datasheet number is meaningful for an arbitrary CPU and thread count."""
         if self.module is None:
             rate = measure_matmul_flops(dtype)
-            return PeakFlops(rate, f"measured {dtype} 1024^3 matmul on this CPU, {torch.get_num_threads()} threads")
+            return PeakFlops(rate, f"measured {dtype} 1024^3 matmul on this CPU (best library), "
+                                   f"{torch.get_num_threads()} threads")
         peak = lookup_peak_flops(self.name())
         if peak is None:
             return PeakFlops(float("nan"), f"unknown device '{self.name()}': add it to launch.device.PEAK_BF16_FLOPS")

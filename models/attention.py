@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.config import AttentionKind, ModelConfig
-from models.ops import apply_rope, causal_attention, rope_tables
+from models.ops import Linear, apply_rope, causal_attention, rope_tables
 
 
 class GroupedQueryAttention(nn.Module):
@@ -20,10 +20,10 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wq = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""

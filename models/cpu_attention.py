@@ -26,13 +26,15 @@ MAX_POSITIONS = 1024
 def blocked_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `blocked_causal_attention` should run for these (batch, seq, heads, dim) operands.
 
-    Plain fp32 CPU tensors only: a DTensor or a tensor being traced by torch.compile keeps SDPA, which both know;
-    under autocast the matmuls here would drop to bf16 while SDPA keeps its softmax in fp32.
+    Plain fp32 CPU tensors only: a DTensor keeps SDPA, which knows how to shard; under autocast the matmuls here
+    would drop to bf16 while SDPA keeps its softmax in fp32. The test is written so that torch.compile can
+    evaluate it while tracing (types, devices, dtypes and shapes are known then); `models.ops.causal_attention`
+    then runs the kernel outside the compiled graph.
     """
     operands = (q, k, v)
     if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.float32 for t in operands):
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):
         return False
     return covers_sequence(q.shape[1])
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.ops import apply_rope, causal_attention, rope_tables
+from models.ops import Linear, apply_rope, causal_attention, rope_tables
 
 
 def _normalize(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -46,16 +46,16 @@ class MultiHeadLatentAttention(nn.Module):
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.low_rank_query = cfg.q_lora_rank > 0
         if self.low_rank_query:
-            self.wq_a = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
             self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
         else:
-            self.wq = nn.Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.d_model, cfg.kv_lora_rank, bias=False)
-        self.wk_rope = nn.Linear(cfg.d_model, cfg.qk_rope_head_dim, bias=False)
+            self.wq = Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
+        self.wkv_a = Linear(cfg.d_model, cfg.kv_lora_rank, bias=False)
+        self.wk_rope = Linear(cfg.d_model, cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.d_model, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.d_model, bias=False)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.low_rank_query:

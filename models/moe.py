@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import Activation, ModelConfig, ScoreFn
-from models.ops import grouped_mm
+from models.ops import Linear, grouped_mm
 from models.transformer import FeedForward, canonical_name
 
 
@@ -68,7 +68,7 @@ class TopKRouter(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.n_routed_experts, bias=False)
+        self.gate = Linear(cfg.d_model, cfg.n_routed_experts, bias=False)
         self.top_k = cfg.top_k
         self.score_fn = cfg.moe.score_fn
         self.route_norm = cfg.moe.route_norm

@@ -1,14 +1,33 @@
-"""Numerical building blocks shared by every attention variant: rotary embeddings and causal attention.
+"""Numerical building blocks shared by the model: linear layers, rotary embeddings, causal attention, grouped matmul.
 
 Kept as plain functions so a device can swap in a fused kernel in one place without touching the model.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.cpu_attention import blocked_attention_applies, blocked_causal_attention
+from models.cpu_linear import onednn_linear, onednn_linear_applies
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, with fp32 on CPU through oneDNN's matmul (models/cpu_linear.py), faster there than torch.mm."""
+    if onednn_linear_applies(x, weight, bias):
+        return onednn_linear(x, weight)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul goes through `linear`. A subclass, so tensor parallelism's plans, FSDP and every
+    isinstance check treat it as nn.Linear, and parameter names and checkpoints do not change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def rope_tables(seq_len: int, dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,19 +61,28 @@ def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return rotated.flatten(-2).type_as(x)
 
 
+@torch.compiler.disable
+def _blocked_attention_outside_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A graph break under torch.compile, a plain call in eager mode."""
+    return blocked_causal_attention(q, k, v)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention on (batch, seq, heads, dim) tensors; k and v may have fewer heads (grouped-query).
 
     The kv heads are expanded explicitly rather than through SDPA's enable_gqa, which not every backend
     (torch_npu in particular) implements. fp32 on CPU from 512 to 1024 positions runs our block-causal kernel
-    (models/cpu_attention.py), faster there than ATen's CPU flash kernel; everything else goes to SDPA.
+    (models/cpu_attention.py), faster there than ATen's CPU flash kernel; everything else goes to SDPA. Under
+    torch.compile the kernel still runs, eagerly, between two compiled graphs: Inductor would otherwise trace it
+    as plain ops or, before, the model fell back to SDPA's flash kernel, and either made compiled blocks slower
+    than eager ones on CPU.
     """
     n_rep = q.shape[2] // k.shape[2]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
         v = v.repeat_interleave(n_rep, dim=2)
     if blocked_attention_applies(q, k, v):
-        return blocked_causal_attention(q, k, v)
+        return _blocked_attention_outside_graph(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
 

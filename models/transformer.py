@@ -15,6 +15,7 @@ from torch import nn
 
 from models.attention import build_attention
 from models.config import Activation, ModelConfig
+from models.ops import Linear
 
 
 class FeedForward(nn.Module):
@@ -23,9 +24,9 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: Activation) -> None:
         super().__init__()
         self.activation = activation
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation == Activation.swiglu else None
+        self.w1 = Linear(d_model, hidden, bias=False)
+        self.w2 = Linear(hidden, d_model, bias=False)
+        self.w3 = Linear(d_model, hidden, bias=False) if activation == Activation.swiglu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is None:
@@ -58,7 +59,7 @@ class Transformer(nn.Module):
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm: Optional[nn.RMSNorm] = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.output: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output: Optional[Linear] = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

@@ -77,6 +77,12 @@ def _uses_fsdp(cfg: "Config", dims: ParallelDims, mesh: Optional["Meshes"]) -> b
     return mesh is not None and cfg.parallel.dp_engine == DPEngine.fsdp and dims.dp * dims.cp > 1
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place, so parameter names (and checkpoints) do not change."""
+    for block in model.layers.values():
+        block.compile()
+
+
 def parallelize(
     model: nn.Module, cfg: "Config", dims: ParallelDims, mesh: Optional["Meshes"], param_dtype: Optional[torch.dtype]
 ) -> nn.Module:
@@ -87,8 +93,7 @@ def parallelize(
         model = apply_expert_parallel(model, mesh["ep"])
     model = apply_recompute(model, cfg.parallel.recompute.value)
     if cfg.parallel.compile:
-        for block in model.layers.values():
-            block.compile()  # per block, in place: parameter names do not change
+        compile_blocks(model)
     if _uses_fsdp(cfg, dims, mesh):
         if dims.ep > 1:
             expert_mesh = mesh["dp_replicate", "efsdp"] if dims.dp_replicate > 1 else mesh["efsdp"]

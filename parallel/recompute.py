@@ -11,6 +11,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from models.cpu_linear import LINEAR_OP
+
 # Ops whose outputs selective recompute keeps: the expensive ones, so backward repeats only memory-bound work.
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
@@ -21,6 +23,7 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    LINEAR_OP,  # fp32 projections on CPU through oneDNN (models/cpu_linear.py)
 }
 
 

@@ -1,0 +1,117 @@
+"""fp32 CPU projections through oneDNN: same values and gradients as F.linear, taken only where meant, repeatable,
+kept whole by torch.compile and by selective recompute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import cpu_linear
+from models.cpu_linear import LINEAR_OP, matmul_kernels, onednn_linear_applies
+from models.ops import Linear, linear
+
+pytestmark = pytest.mark.skipif(cpu_linear.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
+
+
+def values_and_grads(fn, x, weight, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (3, 17, 48), (2, 5, 7, 48)], ids=["2d", "3d", "4d"])
+def test_values_and_gradients_equal_f_linear(shape):
+    torch.manual_seed(0)
+    x, weight = torch.randn(*shape), torch.randn(40, 48)
+    grad_out = torch.randn(*shape[:-1], 40)
+    ours = values_and_grads(linear, x, weight, grad_out)
+    reference = values_and_grads(F.linear, x, weight, grad_out)
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_input_and_gradient():
+    torch.manual_seed(0)
+    wide = torch.randn(4, 6, 96)
+    x = wide[..., ::2]  # non-contiguous last dimension
+    weight = torch.randn(24, 48)
+    grad_out = torch.randn(4, 24, 6).transpose(1, 2)  # non-contiguous gradient
+    ours = values_and_grads(linear, x, weight, grad_out)
+    reference = values_and_grads(F.linear, x, weight, grad_out)
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_repeatable_bit_for_bit():
+    torch.manual_seed(0)
+    x, weight, grad_out = torch.randn(256, 128), torch.randn(96, 128), torch.randn(256, 96)
+    first = values_and_grads(linear, x, weight, grad_out)
+    second = values_and_grads(linear, x, weight, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_taken_for_plain_fp32_cpu_without_bias_only():
+    x, weight = torch.zeros(4, 8), torch.zeros(3, 8)
+    assert onednn_linear_applies(x, weight, None)
+    assert onednn_linear_applies(x, torch.nn.Parameter(weight), None)
+    assert not onednn_linear_applies(x, weight, torch.zeros(3))
+    assert not onednn_linear_applies(x.bfloat16(), weight.bfloat16(), None)
+    assert not onednn_linear_applies(torch.zeros(8), weight, None)
+    assert not onednn_linear_applies(torch.zeros(0, 8), weight, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_linear_applies(x, weight, None)
+
+
+def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch):
+    calls = []
+
+    def recording(x, weight):
+        calls.append(x.shape)
+        return F.linear(x, weight)
+
+    monkeypatch.setattr("models.ops.onednn_linear", recording)
+    layer = Linear(8, 3, bias=False)
+    assert isinstance(layer, torch.nn.Linear) and [n for n, _ in layer.named_parameters()] == ["weight"]
+    layer(torch.randn(2, 8))
+    assert calls == [torch.Size([2, 8])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 8)).dtype == torch.bfloat16
+    assert len(calls) == 1
+
+
+def test_selective_recompute_keeps_its_output():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from parallel.recompute import _keep_expensive
+
+    assert _keep_expensive(None, LINEAR_OP) == CheckpointPolicy.MUST_SAVE
+
+
+def test_compiled_graph_keeps_the_op_and_its_gradients():
+    torch.manual_seed(0)
+    x, weight, grad_out = torch.randn(16, 32), torch.randn(8, 32), torch.randn(16, 8)
+
+    def block(x, weight):
+        return torch.relu(linear(x, weight)) * 2
+
+    traced_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch.compile(block, backend=recording_backend, fullgraph=True)(x, weight)  # fullgraph: no graph break
+    assert any("supertrain.onednn_linear" in op for op in traced_ops)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for got, expected in zip(values_and_grads(compiled, x, weight, grad_out),
+                             values_and_grads(block, x, weight, grad_out)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_peak_counts_every_matmul_the_model_runs():
+    assert set(matmul_kernels(torch.float32)) == {"torch_mm", "onednn"}
+    assert set(matmul_kernels(torch.bfloat16)) == {"torch_mm"}
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    torch.testing.assert_close(matmul_kernels(torch.float32)["onednn"](a, b.t().contiguous()), a @ b,
+                               rtol=1e-5, atol=1e-4)
