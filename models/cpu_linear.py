@@ -1,12 +1,13 @@
 """fp32 linear layers on CPU through oneDNN's matmul instead of torch.mm's BLAS (MKL in PyTorch's x86 wheels).
 
 On this project's CPU (AMD EPYC, 2 cores) oneDNN's fp32 matmul runs the model's projection shapes at ~200 GFLOP/s
-where torch.mm runs them at 125-175, and it keeps its rate when the shared host is busy while MKL's falls further:
-the trunk benchmark's model step took 24% less time (median of 8 alternated pairs, bench/trunk.py shape). The
-numbers are fp32 (relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
+in isolation where torch.mm runs them at 125-175, and it keeps its rate when the shared host is busy while MKL's
+falls further. In the trunk benchmark's model (bench/trunk.py) the projections ran at ~187 GFLOP/s against ~157
+and the step took 18% less time (median of 10 alternated pairs in one process; pairs ranged 11-22%). The results
+are fp32 (relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
 
 Forward (x w^T) and the input gradient (g w) run through oneDNN. The weight gradient (g^T x, whose inner dimension
-is the token count) stays with torch.mm, which is as fast or faster there and needs no transposed copies.
+is the token count) stays with torch.mm: oneDNN's linear over transposed views ran it 5-20% slower.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Numerical building blocks shared by the model: linear layers, rotary embeddings, causal attention, grouped matmul.
 
-Kept as plain functions so a device can swap in a fused kernel in one place without touching the model.
+Kept as plain functions (and one nn.Linear subclass that calls `linear`) so a device can swap in a fused kernel in
+one place without touching the model.
 """
 
 from __future__ import annotations
