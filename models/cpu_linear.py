@@ -12,14 +12,16 @@ is the token count) stays with torch.mm: oneDNN's linear over transposed views r
 
 from __future__ import annotations
 
+import platform
 from typing import Any, Callable, Optional
 
 import torch
 
 
 def _onednn_linear_op() -> Optional[object]:
-    """oneDNN's linear (`x @ w.T`, optional post-op) where this PyTorch build has it."""
-    if not torch.backends.mkldnn.is_available():
+    """oneDNN's linear (`x @ w.T`, optional post-op) where this PyTorch build has it, on x86-64 only: that is where
+    it was measured; on Arm hosts (Kunpeng beside Ascend, Graviton) oneDNN calls other backends, not checked here."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise.default

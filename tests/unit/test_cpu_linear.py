@@ -19,15 +19,18 @@ def values_and_grads(fn, x, weight, grad_out):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("shape", [(64, 48), (3, 17, 48), (2, 5, 7, 48)], ids=["2d", "3d", "4d"])
-def test_values_and_gradients_equal_f_linear(shape):
-    torch.manual_seed(0)
-    x, weight = torch.randn(*shape), torch.randn(40, 48)
-    grad_out = torch.randn(*shape[:-1], 40)
+def assert_matches_f_linear(x, weight, grad_out):
     ours = values_and_grads(linear, x, weight, grad_out)
     reference = values_and_grads(F.linear, x, weight, grad_out)
     for got, expected in zip(ours, reference):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (3, 17, 48), (2, 5, 7, 48)], ids=["2d", "3d", "4d"])
+def test_values_and_gradients_equal_f_linear(shape):
+    torch.manual_seed(0)
+    x, weight = torch.randn(*shape), torch.randn(40, 48)
+    assert_matches_f_linear(x, weight, torch.randn(*shape[:-1], 40))
 
 
 def test_strided_input_and_gradient():
@@ -35,11 +38,7 @@ def test_strided_input_and_gradient():
     wide = torch.randn(4, 6, 96)
     x = wide[..., ::2]  # non-contiguous last dimension
     weight = torch.randn(24, 48)
-    grad_out = torch.randn(4, 24, 6).transpose(1, 2)  # non-contiguous gradient
-    ours = values_and_grads(linear, x, weight, grad_out)
-    reference = values_and_grads(F.linear, x, weight, grad_out)
-    for got, expected in zip(ours, reference):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_matches_f_linear(x, weight, torch.randn(4, 24, 6).transpose(1, 2))  # a non-contiguous gradient too
 
 
 def test_repeatable_bit_for_bit():
