@@ -30,6 +30,9 @@ def _onednn_linear_op() -> Optional[object]:
 
 
 ONEDNN_LINEAR = _onednn_linear_op()
+# Below this many multiply-adds (x.numel() * out_features) F.linear is faster: the op's fixed cost (~60 us per
+# forward + backward, measured) outweighs oneDNN's better kernel. 2^24 is 4096 tokens x 64 x 64, or 256 x 256 x 256.
+MIN_FORWARD_MACS = 2**24
 # A DTensor parameter's type is DTensor, so these two are the unsharded cases (FSDP2 unshards to a plain Parameter).
 _PLAIN_WEIGHT_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -46,8 +49,8 @@ def matmul_kernels(dtype: torch.dtype) -> dict[str, Callable[[torch.Tensor, torc
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether `onednn_linear` should compute F.linear(x, weight, bias).
 
-    Plain fp32 CPU tensors only, and no bias (no layer here has one): a DTensor keeps F.linear, which knows how to
-    shard; under autocast F.linear drops to bf16 as the user asked. The test reads only types, devices, dtypes and
+    Plain fp32 CPU tensors only, no bias (no layer here has one), and products big enough to gain: a DTensor keeps
+    F.linear, which knows how to shard; under autocast F.linear drops to bf16 as the user asked. The test reads only types, devices, dtypes and
     shapes, so torch.compile evaluates it while tracing and then keeps the op in its graph as an external kernel.
     """
     if ONEDNN_LINEAR is None or bias is not None:
@@ -56,7 +59,7 @@ def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype:
         return False
-    if x.dim() < 2 or x.numel() == 0 or weight.dim() != 2:
+    if x.dim() < 2 or weight.dim() != 2 or x.numel() * weight.shape[0] < MIN_FORWARD_MACS:
         return False
     return not torch.is_autocast_enabled("cpu")
 
@@ -65,32 +68,39 @@ def _matmul_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return ONEDNN_LINEAR(x, weight, None, "none", [], "")  # type: ignore[operator]
 
 
-# A registered op rather than an autograd.Function so that torch.compile keeps it whole (Inductor would otherwise
-# trace the oneDNN call's Python wrapper) and selective recompute sees one op whose output it keeps.
-@torch.library.custom_op("supertrain::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., in_features) @ weight (out_features, in_features)^T, with gradients for both."""
-    return _matmul_transposed(x, weight)
+# The matmul is a registered op, so that torch.compile keeps it whole (an external kernel in Inductor's graph) and
+# selective recompute sees one op whose output it keeps; autograd is an autograd.Function around it, which costs
+# ~20 us a call in eager mode where torch.library.custom_op's Python autograd layer cost ~200.
+_LIBRARY = torch.library.Library("supertrain", "DEF")
+_LIBRARY.define("onednn_linear(Tensor x, Tensor weight) -> Tensor")
+_LIBRARY.impl("onednn_linear", _matmul_transposed, "CPU")
 
 
-@onednn_linear.register_fake
+@torch.library.register_fake("supertrain::onednn_linear", lib=_LIBRARY)
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    x, weight = ctx.saved_tensors
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_x = onednn_linear(grad_out, weight.t())  # g @ w
-    if ctx.needs_input_grad[1]:
-        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-    return grad_x, grad_w
-
-
-onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 LINEAR_OP = torch.ops.supertrain.onednn_linear.default  # the op as dispatch modes (selective recompute) see it
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return LINEAR_OP(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = LINEAR_OP(grad_out, weight.t())  # g @ w
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_w
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in_features) @ weight (out_features, in_features)^T, with gradients for both."""
+    return _OneDnnLinear.apply(x, weight)

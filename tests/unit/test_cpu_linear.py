@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import cpu_linear
-from models.cpu_linear import LINEAR_OP, matmul_kernels, onednn_linear_applies
+from models.cpu_linear import LINEAR_OP, MIN_FORWARD_MACS, matmul_kernels, onednn_linear, onednn_linear_applies
 from models.ops import Linear, linear
 
 pytestmark = pytest.mark.skipif(cpu_linear.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
@@ -19,8 +19,14 @@ def values_and_grads(fn, x, weight, grad_out):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """Route even the small products of these tests through oneDNN."""
+    monkeypatch.setattr(cpu_linear, "MIN_FORWARD_MACS", 0)
+
+
 def assert_matches_f_linear(x, weight, grad_out):
-    ours = values_and_grads(linear, x, weight, grad_out)
+    ours = values_and_grads(onednn_linear, x, weight, grad_out)
     reference = values_and_grads(F.linear, x, weight, grad_out)
     for got, expected in zip(ours, reference):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -44,25 +50,27 @@ def test_strided_input_and_gradient():
 def test_repeatable_bit_for_bit():
     torch.manual_seed(0)
     x, weight, grad_out = torch.randn(256, 128), torch.randn(96, 128), torch.randn(256, 96)
-    first = values_and_grads(linear, x, weight, grad_out)
-    second = values_and_grads(linear, x, weight, grad_out)
+    first = values_and_grads(onednn_linear, x, weight, grad_out)
+    second = values_and_grads(onednn_linear, x, weight, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_taken_for_plain_fp32_cpu_without_bias_only():
-    x, weight = torch.zeros(4, 8), torch.zeros(3, 8)
+def test_taken_for_big_enough_plain_fp32_cpu_products_without_bias_only():
+    x, weight = torch.zeros(MIN_FORWARD_MACS // (64 * 8), 8), torch.zeros(64, 8)  # exactly the threshold
     assert onednn_linear_applies(x, weight, None)
+    assert not onednn_linear_applies(x[1:], weight, None)
     assert onednn_linear_applies(x, torch.nn.Parameter(weight), None)
     assert not onednn_linear_applies(x, weight, torch.zeros(3))
     assert not onednn_linear_applies(x.bfloat16(), weight.bfloat16(), None)
     assert not onednn_linear_applies(torch.zeros(8), weight, None)
     assert not onednn_linear_applies(torch.zeros(0, 8), weight, None)
+    assert not onednn_linear_applies(x.to("meta"), weight.to("meta"), None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_linear_applies(x, weight, None)
 
 
-def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch):
+def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch, any_size):
     calls = []
 
     def recording(x, weight):
@@ -87,7 +95,7 @@ def test_selective_recompute_keeps_its_output():
     assert _keep_expensive(None, LINEAR_OP) == CheckpointPolicy.MUST_SAVE
 
 
-def test_compiled_graph_keeps_the_op_and_its_gradients():
+def test_compiled_graph_keeps_the_op_and_its_gradients(any_size):
     torch.manual_seed(0)
     x, weight, grad_out = torch.randn(16, 32), torch.randn(8, 32), torch.randn(16, 8)
 
