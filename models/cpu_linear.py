@@ -50,8 +50,9 @@ def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """Whether `onednn_linear` should compute F.linear(x, weight, bias).
 
     Plain fp32 CPU tensors only, no bias (no layer here has one), and products big enough to gain: a DTensor keeps
-    F.linear, which knows how to shard; under autocast F.linear drops to bf16 as the user asked. The test reads only types, devices, dtypes and
-    shapes, so torch.compile evaluates it while tracing and then keeps the op in its graph as an external kernel.
+    F.linear, which knows how to shard; under autocast F.linear drops to bf16 as the user asked. The test reads
+    only types, devices, dtypes and shapes, so torch.compile evaluates it while tracing and then keeps the op in
+    its graph as an external kernel.
     """
     if ONEDNN_LINEAR is None or bias is not None:
         return False
