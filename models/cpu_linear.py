@@ -1,13 +1,15 @@
 """fp32 linear layers on CPU through oneDNN's matmul instead of torch.mm's BLAS (MKL in PyTorch's x86 wheels).
 
-On this project's CPU (AMD EPYC, 2 cores) oneDNN's fp32 matmul runs the model's projection shapes at ~200 GFLOP/s
-in isolation where torch.mm runs them at 125-175, and it keeps its rate when the shared host is busy while MKL's
-falls further. In the trunk benchmark's model (bench/trunk.py) the projections ran at ~187 GFLOP/s against ~157
-and the step took 18% less time (median of 10 alternated pairs in one process; pairs ranged 11-22%). The results
-are fp32 (relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
+oneDNN generates its kernels for the CPU it runs on (AVX-512 where there is one). On this project's 2-core hosts
+(AMD EPYC with AVX-512, two different hosts on 2026-12-02) its fp32 matmul sustained ~200 and ~385 GFLOP/s where
+torch.mm sustained 135-180 on both (MKL does not appear to use AVX-512 on these AMD CPUs). The results are
+fp32 (relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
 
-Forward (x w^T) and the input gradient (g w) run through oneDNN. The weight gradient (g^T x, whose inner dimension
-is the token count) stays with torch.mm: oneDNN's linear over transposed views ran it 5-20% slower.
+All three products of a layer run through oneDNN: forward (x w^T), input gradient (g w) and weight gradient
+(g^T x, over transposed views, inner dimension = tokens). On the first host the weight gradient ran 5-20% slower
+that way than with torch.mm and stayed there; on the second it ran ~60% faster in isolation (250-290 GFLOP/s
+against ~175) and the benchmark step took ~10% less time (median of 8 alternated runs), so it moved: the loss on a
+host like the first is a few percent of its weight-gradient time, the gain on the second a tenth of the step.
 """
 
 from __future__ import annotations
@@ -98,8 +100,17 @@ class _OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = LINEAR_OP(grad_out, weight.t())  # g @ w
         if ctx.needs_input_grad[1]:
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_w = _weight_gradient(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]))
         return grad_x, grad_w
+
+
+def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g^T x for g (tokens, out) and x (tokens, in), through oneDNN over transposed views (no copies).
+
+    Computing (x^T g)^T instead ran 15-20% faster in isolation for widening layers (w1, w3) but made no difference
+    measurable in the model's step, so one orientation is kept.
+    """
+    return LINEAR_OP(grad_out.t(), x.t())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,20 @@ def assert_matches_f_linear(x, weight, grad_out):
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (3, 17, 48), (2, 5, 7, 48)], ids=["2d", "3d", "4d"])
-def test_values_and_gradients_equal_f_linear(shape):
+@pytest.mark.parametrize("out_features", [40, 48, 80], ids=["narrowing", "square", "widening"])
+def test_values_and_gradients_equal_f_linear(shape, out_features):
     torch.manual_seed(0)
-    x, weight = torch.randn(*shape), torch.randn(40, 48)
-    assert_matches_f_linear(x, weight, torch.randn(*shape[:-1], 40))
+    x, weight = torch.randn(*shape), torch.randn(out_features, 48)
+    assert_matches_f_linear(x, weight, torch.randn(*shape[:-1], out_features))
+
+
+@pytest.mark.parametrize("out_features", [24, 96], ids=["narrowing", "widening"])
+def test_weight_gradient_is_contiguous(out_features):
+    """Whichever orientation computes it, the weight gradient has the weight's layout (optimizers, DDP buckets
+    and FSDP's flat shards expect that)."""
+    weight = torch.randn(out_features, 48, requires_grad=True)
+    (grad,) = torch.autograd.grad(onednn_linear(torch.randn(64, 48), weight).sum(), weight)  # as the op returns it
+    assert grad.is_contiguous()
 
 
 def test_strided_input_and_gradient():
