@@ -8,9 +8,10 @@
    between two windows of back-to-back matmuls that together last about as long as the step, and the round's
    fraction is the step's rate over the windows' mean rate. The median over rounds is the figure. Reported beside
    it: the fraction of the fastest single matmul seen in those windows (a burst rate that a 2.7 s step never
-   sees). Measured eager and with `parallel.compile=true` (each block compiled, as the trainer does), with 4 heads
-   of 128 (the head width of every Llama 3 size) and, eager, 8 heads of 64: narrower heads make attention's
-   matmuls less efficient.
+   sees), and, eager, `fraction_if_only_matmuls`: the step's own matmuls replayed alone, the most this figure
+   can reach at the model's shapes however little the rest costs. Measured eager and with
+   `parallel.compile=true` (each block compiled, as the trainer does), with 4 heads of 128 (the head width of
+   every Llama 3 size) and, eager, 8 heads of 64: narrower heads make attention's matmuls less efficient.
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
    alternating the two. Target <= 3%.
@@ -86,8 +87,8 @@ class MatmulWindows:
 class MatmulReplay:
     """The matmuls of one model step (ops, shapes, strides, arguments), replayed back to back on fresh operands.
 
-    The step's rate can never beat this: the replay's rate over the matmul windows' is the fraction a step would
-    reach if everything but its matmuls took no time, which separates how fast the matmuls run at the model's own
+    A step cannot run faster than its matmuls alone: the replay's rate over the matmul windows' is the fraction a
+    step would reach if everything but its matmuls took no time, which separates how fast the matmuls run at the model's own
     shapes (here K = 512 and batched 128-wide attention blocks, not the windows' big squares) from what the rest of
     the step costs.
     """
