@@ -88,9 +88,9 @@ class MatmulReplay:
     """The matmuls of one model step (ops, shapes, strides, arguments), replayed back to back on fresh operands.
 
     A step cannot run faster than its matmuls alone: the replay's rate over the matmul windows' is the fraction a
-    step would reach if everything but its matmuls took no time, which separates how fast the matmuls run at the model's own
-    shapes (here K = 512 and batched 128-wide attention blocks, not the windows' big squares) from what the rest of
-    the step costs.
+    step would reach if everything but its matmuls took no time, which separates how fast the matmuls run at the
+    model's own shapes (here K = 512 and batched 128-wide attention blocks, not the windows' big squares) from what
+    the rest of the step costs.
     """
 
     OPS = (
