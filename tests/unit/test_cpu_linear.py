@@ -42,8 +42,8 @@ def test_values_and_gradients_equal_f_linear(shape, out_features):
 
 @pytest.mark.parametrize("out_features", [24, 96], ids=["narrowing", "widening"])
 def test_weight_gradient_is_contiguous(out_features):
-    """Whichever orientation computes it, the weight gradient has the weight's layout (optimizers, DDP buckets
-    and FSDP's flat shards expect that)."""
+    """The weight gradient is computed over transposed views, yet comes back in the weight's layout (optimizers,
+    DDP buckets and FSDP's flat shards expect that)."""
     weight = torch.randn(out_features, 48, requires_grad=True)
     (grad,) = torch.autograd.grad(onednn_linear(torch.randn(64, 48), weight).sum(), weight)  # as the op returns it
     assert grad.is_contiguous()
