@@ -182,6 +182,10 @@ def resolve_device(kind: str = "auto") -> Device:
     """Device for `kind`; `auto` prefers npu, then cuda, then cpu."""
     if kind not in DEVICE_KINDS:
         raise DeviceError(f"device.type={kind!r} is not one of {', '.join(DEVICE_KINDS)}")
+    from models.cpu_linear import LINEAR_ROUTE_ERROR
+
+    if LINEAR_ROUTE_ERROR is not None:
+        raise DeviceError(LINEAR_ROUTE_ERROR)
     if kind == "auto":
         if _npu_installed():
             try:

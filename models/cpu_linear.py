@@ -10,10 +10,18 @@ All three products of a layer run through oneDNN: forward (x w^T), input gradien
 that way than with torch.mm and stayed there; on the second it ran ~60% faster in isolation (250-290 GFLOP/s
 against ~175) and the benchmark step took ~10% less time (median of 8 alternated runs), so it moved: the loss on a
 host like the first is a few percent of its weight-gradient time, the gain on the second a tenth of the step.
+
+Where it is taken: a third host (AMD EPYC with AVX2 only, 2026-12-02 evening) had both libraries at ~135-145 on
+squares, and there oneDNN's linear lost in backward: it copies a transposed input before multiplying (a 4096 x 1536
+gradient transposed cost ~30 ms in the step), which torch.mm's BLAS avoids with its transpose flags. The benchmark
+step took 3.07-3.21 s with F.linear against 3.36-3.48 s with oneDNN (3 alternated runs each). So oneDNN is taken
+where the CPU has AVX-512 (ATen's CPU capability reports it) and is not Intel's: MKL is Intel's library and is
+expected to use AVX-512 on Intel CPUs, which is not measured here. `SUPERTRAIN_CPU_LINEAR=onednn|aten` overrides.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any, Callable, Optional
 
@@ -32,6 +40,44 @@ def _onednn_linear_op() -> Optional[object]:
 
 
 ONEDNN_LINEAR = _onednn_linear_op()
+LINEAR_ROUTE_VARIABLE = "SUPERTRAIN_CPU_LINEAR"
+_ROUTES = ("auto", "onednn", "aten")
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string on Linux (GenuineIntel, AuthenticAMD, ...), "unknown" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def onednn_preferred_for(route: str, capability: str, vendor: str) -> bool:
+    """Whether fp32 projections take oneDNN, given the route asked for (`SUPERTRAIN_CPU_LINEAR`), ATen's CPU
+    capability and the CPU vendor. `auto`: where it was measured faster (see the module docstring)."""
+    if route not in _ROUTES:
+        raise ValueError(f"{LINEAR_ROUTE_VARIABLE}={route!r} is not a route: use one of {', '.join(_ROUTES)}")
+    if route != "auto":
+        if route == "onednn" and ONEDNN_LINEAR is None:
+            raise ValueError(f"{LINEAR_ROUTE_VARIABLE}=onednn, but this PyTorch build has no oneDNN linear on this "
+                             "CPU: unset it or use aten")
+        return route == "onednn"
+    return ONEDNN_LINEAR is not None and capability == "AVX512" and vendor != "GenuineIntel"
+
+
+# A bad value is kept as a message rather than raised here, so that importing the model never fails;
+# launch.device.resolve_device stops the run with it at start-up.
+try:
+    ONEDNN_PREFERRED = onednn_preferred_for(
+        os.environ.get(LINEAR_ROUTE_VARIABLE, "auto"), torch.backends.cpu.get_cpu_capability(), _cpu_vendor()
+    )
+    LINEAR_ROUTE_ERROR: Optional[str] = None
+except ValueError as error:
+    ONEDNN_PREFERRED, LINEAR_ROUTE_ERROR = False, str(error)
 # Below this many multiply-adds (x.numel() * out_features) F.linear is faster: the op's fixed cost (~60 us per
 # forward + backward, measured) outweighs oneDNN's better kernel. 2^24 is 4096 tokens x 64 x 64, or 256 x 256 x 256.
 MIN_FORWARD_MACS = 2**24
@@ -51,12 +97,12 @@ def matmul_kernels(dtype: torch.dtype) -> dict[str, Callable[[torch.Tensor, torc
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether `onednn_linear` should compute F.linear(x, weight, bias).
 
-    Plain fp32 CPU tensors only, no bias (no layer here has one), and products big enough to gain: a DTensor keeps
-    F.linear, which knows how to shard; under autocast F.linear drops to bf16 as the user asked. The test reads
-    only types, devices, dtypes and shapes, so torch.compile evaluates it while tracing and then keeps the op in
-    its graph as an external kernel.
+    Only on hosts where oneDNN is preferred (`ONEDNN_PREFERRED`), and there only for plain fp32 CPU tensors, no
+    bias (no layer here has one) and products big enough to gain: a DTensor keeps F.linear, which knows how to
+    shard; under autocast F.linear drops to bf16 as the user asked. The test reads only types, devices, dtypes and
+    shapes, so torch.compile evaluates it while tracing and then keeps the op in its graph as an external kernel.
     """
-    if ONEDNN_LINEAR is None or bias is not None:
+    if not ONEDNN_PREFERRED or bias is not None:
         return False
     if type(x) is not torch.Tensor or type(weight) not in _PLAIN_WEIGHT_TYPES:
         return False

@@ -137,15 +137,18 @@ def _refusals(base: Path, native: Path, deepspeed: Path) -> list[str]:
 
 # Big enough that every projection takes the oneDNN route on CPU (models/cpu_linear.py): with a sequence of 128 and
 # 2 sequences per forward, 256 tokens x 256 x 256 is 2^24 multiply-adds, the threshold. FSDP hands the op unsharded
-# parameters and ZeRO-3 swaps parameter storage around it, the two engines where that could go wrong.
+# parameters and ZeRO-3 swaps parameter storage around it, the two engines where that could go wrong. The route is
+# forced, in this process and (through the environment) in the ranks, since `auto` keeps F.linear on some CPUs.
 ONEDNN_SIZED = ["model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_hidden=768",
                 "train.seq_len=128", "train.steps=4"]
 
 
-def test_onednn_projections_match_single_process_under_fsdp_and_zero3(base):
-    from models.cpu_linear import MIN_FORWARD_MACS
+def test_onednn_projections_match_single_process_under_fsdp_and_zero3(base, monkeypatch):
+    from models import cpu_linear
 
-    assert 2 * 128 * 256 * 256 >= MIN_FORWARD_MACS
+    assert 2 * 128 * 256 * 256 >= cpu_linear.MIN_FORWARD_MACS
+    monkeypatch.setattr(cpu_linear, "ONEDNN_PREFERRED", True)
+    monkeypatch.setenv(cpu_linear.LINEAR_ROUTE_VARIABLE, "onednn")
     reference = train_run(_config(base, "onednn_single", [], *ONEDNN_SIZED))
     configs = [_config(base, f"onednn_{name}", ENGINES[name], *ONEDNN_SIZED) for name in ("fsdp", "zero3")]
     for ranks in zip(*run_ranks(train_runs, 2, args=(configs,))):

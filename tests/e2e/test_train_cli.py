@@ -110,6 +110,11 @@ def test_missing_torch_npu_exits_with_one_line(tmp_path):
     assert "torch_npu" in line and "supertrain[npu]" in line
 
 
+def test_bad_cpu_linear_route_exits_with_one_line(tmp_path):
+    line = _one_line_error([f"run.dir={tmp_path}"], env=clean_env(SUPERTRAIN_CPU_LINEAR="blas"))
+    assert line == "supertrain: error: SUPERTRAIN_CPU_LINEAR='blas' is not a route: use one of auto, onednn, aten"
+
+
 def test_online_wandb_without_key_exits_with_one_line(tmp_path):
     env = clean_env(HOME=str(tmp_path))  # no ~/.netrc, no WANDB_API_KEY
     line = _one_line_error([*FAST, "logging.mode=online", "train.steps=1", f"run.dir={tmp_path / 'run'}"], env=env)

@@ -20,7 +20,13 @@ def values_and_grads(fn, x, weight, grad_out):
 
 
 @pytest.fixture
-def any_size(monkeypatch):
+def preferred(monkeypatch):
+    """Take oneDNN whatever this host's CPU (`auto` keeps F.linear on some)."""
+    monkeypatch.setattr(cpu_linear, "ONEDNN_PREFERRED", True)
+
+
+@pytest.fixture
+def any_size(monkeypatch, preferred):
     """Route even the small products of these tests through oneDNN."""
     monkeypatch.setattr(cpu_linear, "MIN_FORWARD_MACS", 0)
 
@@ -66,7 +72,7 @@ def test_repeatable_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_taken_for_big_enough_plain_fp32_cpu_products_without_bias_only():
+def test_taken_for_big_enough_plain_fp32_cpu_products_without_bias_only(preferred, monkeypatch):
     x, weight = torch.zeros(MIN_FORWARD_MACS // (64 * 8), 8), torch.zeros(64, 8)  # exactly the threshold
     assert onednn_linear_applies(x, weight, None)
     assert not onednn_linear_applies(x[1:], weight, None)
@@ -78,6 +84,34 @@ def test_taken_for_big_enough_plain_fp32_cpu_products_without_bias_only():
     assert not onednn_linear_applies(x.to("meta"), weight.to("meta"), None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_linear_applies(x, weight, None)
+    monkeypatch.setattr(cpu_linear, "ONEDNN_PREFERRED", False)
+    assert not onednn_linear_applies(x, weight, None)
+
+
+@pytest.mark.parametrize("route, capability, vendor, expected", [
+    ("auto", "AVX512", "AuthenticAMD", True),  # measured: MKL leaves AVX-512 unused there
+    ("auto", "AVX2", "AuthenticAMD", False),  # measured: oneDNN's transposed-input copies lose in backward
+    ("auto", "AVX512", "GenuineIntel", False),  # MKL's own CPUs
+    ("auto", "AVX512", "unknown", True),
+    ("aten", "AVX512", "AuthenticAMD", False),
+    ("onednn", "AVX2", "GenuineIntel", True),
+])
+def test_route_follows_the_cpu_unless_overridden(route, capability, vendor, expected):
+    assert cpu_linear.onednn_preferred_for(route, capability, vendor) is expected
+
+
+def test_unknown_route_names_the_variable_and_the_choices():
+    with pytest.raises(ValueError) as error:
+        cpu_linear.onednn_preferred_for("mkl", "AVX2", "AuthenticAMD")
+    assert str(error.value) == "SUPERTRAIN_CPU_LINEAR='mkl' is not a route: use one of auto, onednn, aten"
+
+
+def test_bad_route_stops_device_selection(monkeypatch):
+    from launch.device import DeviceError, resolve_device
+
+    monkeypatch.setattr(cpu_linear, "LINEAR_ROUTE_ERROR", "SUPERTRAIN_CPU_LINEAR='mkl' is not a route")
+    with pytest.raises(DeviceError, match="SUPERTRAIN_CPU_LINEAR='mkl'"):
+        resolve_device("cpu")
 
 
 def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch, any_size):
