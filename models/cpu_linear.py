@@ -78,6 +78,7 @@ try:
     LINEAR_ROUTE_ERROR: Optional[str] = None
 except ValueError as error:
     ONEDNN_PREFERRED, LINEAR_ROUTE_ERROR = False, str(error)
+
 # Below this many multiply-adds (x.numel() * out_features) F.linear is faster: the op's fixed cost (~60 us per
 # forward + backward, measured) outweighs oneDNN's better kernel. 2^24 is 4096 tokens x 64 x 64, or 256 x 256 x 256.
 MIN_FORWARD_MACS = 2**24
