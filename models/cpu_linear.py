@@ -11,7 +11,7 @@ that way than with torch.mm and stayed there; on the second it ran ~60% faster i
 against ~175) and the benchmark step took ~10% less time (median of 8 alternated runs), so it moved: the loss on a
 host like the first is a few percent of its weight-gradient time, the gain on the second a tenth of the step.
 
-Where it is taken: a third host (AMD EPYC with AVX2 only, 2026-12-02 evening) had both libraries at ~135-145 on
+Where it is taken: a third host (AMD EPYC with AVX2 only, 2026-12-02 evening) had both libraries at ~135-170 on
 squares, and there oneDNN's linear lost in backward: it copies a transposed input before multiplying (a 4096 x 1536
 gradient transposed cost ~30 ms in the step), which torch.mm's BLAS avoids with its transpose flags. The benchmark
 step took 3.07-3.21 s with F.linear against 3.36-3.48 s with oneDNN (3 alternated runs each). So oneDNN is taken
