@@ -9,9 +9,12 @@
    fraction is the step's rate over the windows' mean rate. The median over rounds is the figure. Reported beside
    it: the fraction of the fastest single matmul seen in those windows (a burst rate that a 2.7 s step never
    sees), and, eager, `fraction_if_only_matmuls`: the step's own matmuls replayed alone, the most this figure
-   can reach at the model's shapes however little the rest costs. Measured eager and with
+   can reach at the model's shapes however little the rest costs (the C++ attention calls are replayed whole: their
+   batched matmuls run inside them, beside their softmax and layout passes). Measured eager and with
    `parallel.compile=true` (each block compiled, as the trainer does), with 4 heads of 128 (the head width of
    every Llama 3 size) and, eager, 8 heads of 64: narrower heads make attention's matmuls less efficient.
+   The process is set up as `python -m train` sets it up (`Device.prepare_process`: glibc keeps freed memory,
+   the fused CPU kernels are built or loaded).
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
    alternating the two. Target <= 3%.
@@ -25,8 +28,10 @@ from typing import Any, Callable
 
 import torch
 
+from launch.device import resolve_device
 from models.config import flops_per_token
 from models.cpu_linear import LINEAR_OP, matmul_kernels
+from models.cpu_native import matmul_ops
 from models.transformer import build_model, materialize
 
 D_MODEL = 512
@@ -103,7 +108,7 @@ class MatmulReplay:
 
         calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
         operands: dict[tuple[Any, ...], torch.Tensor] = {}
-        ops = self.OPS
+        ops = (*self.OPS, *matmul_ops())
 
         class Record(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -125,7 +130,10 @@ class MatmulReplay:
 
 def _fresh_like(value: Any, operands: dict[tuple[Any, ...], torch.Tensor]) -> Any:
     """A tensor of the same shape, strides and dtype with random values (no zero shortcuts), one per distinct
-    layout so that the replay holds about one step's operands, not one per call; other arguments as they are."""
+    layout so that the replay holds about one step's operands, not one per call; other arguments as they are
+    (lists element by element: the attention backward takes its saved tensors as one)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh_like(item, operands) for item in value)
     if not isinstance(value, torch.Tensor):
         return value
     key = (tuple(value.shape), value.stride(), value.dtype)
@@ -137,6 +145,7 @@ def _fresh_like(value: Any, operands: dict[tuple[Any, ...], torch.Tensor]) -> An
 
 def model_flop_rate(head_dim: int, compile_blocks: bool = False, rounds: int = 7) -> dict[str, float]:
     """One model step per round, between two matmul windows; see the module docstring."""
+    resolve_device("cpu").prepare_process()
     cfg = _config(head_dim)
     model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=0)
     if compile_blocks:

@@ -7,9 +7,11 @@ that), so adding a device means adding one entry here.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import importlib.util
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -157,8 +159,52 @@ class Device:
             return PeakFlops(float("nan"), f"unknown device '{self.name()}': add it to launch.device.PEAK_BF16_FLOPS")
         return peak
 
+    # ---- process set-up -------------------------------------------------------------------------------------
+
+    def prepare_process(self) -> None:
+        """Process-wide set-up before a model is built. On CPU: keep freed heap memory for reuse, and build (once
+        per machine) or load the fused fp32 kernels, so that a failed build stops the run here, before training."""
+        if self.module is not None:
+            return
+        keep_freed_heap()
+        from models.cpu_native import NativeKernelError, load
+
+        try:
+            load()
+        except NativeKernelError as error:
+            raise DeviceError(str(error)) from None
+
     def __repr__(self) -> str:
+        if self.module is None:
+            from models.cpu_native import description
+
+            return f"Device(cpu, backend=gloo, fp32 ops: {description()})"
         return f"Device({self.kind}, backend={self.backend})"
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_heap() -> bool:
+    """Tell glibc's malloc to keep freed memory up to 32 MB blocks in the heap, as accelerator caching allocators
+    do, instead of returning it to the OS.
+
+    By default glibc serves blocks above a moving threshold with fresh mmap pages and trims the heap's free top, so
+    a CPU training step that frees and reallocates its activations faults every page in again: on the trunk
+    benchmark, 14k-106k minor page faults and 0.05-0.16 s of system time in a 1.1 s step, none with these
+    settings. Blocks over 32 MB (glibc's cap for the threshold) still map and unmap. Left alone where the user tuned
+    malloc through its environment, and where the C library is not glibc. Returns whether it applied.
+    """
+    if any(name in os.environ for name in _MALLOC_VARIABLES):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
 
 
 def _import_torch_npu() -> ModuleType:
@@ -183,9 +229,11 @@ def resolve_device(kind: str = "auto") -> Device:
     if kind not in DEVICE_KINDS:
         raise DeviceError(f"device.type={kind!r} is not one of {', '.join(DEVICE_KINDS)}")
     from models.cpu_linear import LINEAR_ROUTE_ERROR
+    from models.cpu_native import ROUTE_ERROR as KERNEL_ROUTE_ERROR
 
-    if LINEAR_ROUTE_ERROR is not None:
-        raise DeviceError(LINEAR_ROUTE_ERROR)
+    for route_error in (LINEAR_ROUTE_ERROR, KERNEL_ROUTE_ERROR):
+        if route_error is not None:
+            raise DeviceError(route_error)
     if kind == "auto":
         if _npu_installed():
             try:

@@ -6,10 +6,11 @@ torch.mm sustained 135-180 on both (MKL does not appear to use AVX-512 on these 
 fp32 (relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
 
 All three products of a layer run through oneDNN: forward (x w^T), input gradient (g w) and weight gradient
-(g^T x, over transposed views, inner dimension = tokens). On the first host the weight gradient ran 5-20% slower
-that way than with torch.mm and stayed there; on the second it ran ~60% faster in isolation (250-290 GFLOP/s
-against ~175) and the benchmark step took ~10% less time (median of 8 alternated runs), so it moved: the loss on a
-host like the first is a few percent of its weight-gradient time, the gain on the second a tenth of the step.
+(g^T x, inner dimension = tokens). On the first host the weight gradient ran 5-20% slower that way than with
+torch.mm and stayed there; on the second it ran ~60% faster in isolation (250-290 GFLOP/s against ~175) and the
+benchmark step took ~10% less time (median of 8 alternated runs), so it moved: the loss on a host like the first is
+a few percent of its weight-gradient time, the gain on the second a tenth of the step. Since the fourth host it
+runs through the C++ kernels' oriented matmul where they are built (`_weight_gradient`).
 
 Where it is taken: a third host (AMD EPYC with AVX2 only, 2026-12-02 evening) had both libraries at ~135-170 on
 squares, and there oneDNN's linear lost in backward: it copies a transposed input before multiplying (a 4096 x 1536
@@ -26,6 +27,8 @@ import platform
 from typing import Any, Callable, Optional
 
 import torch
+
+from models import cpu_native
 
 
 def _onednn_linear_op() -> Optional[object]:
@@ -152,11 +155,16 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """g^T x for g (tokens, out) and x (tokens, in), through oneDNN over transposed views (no copies).
+    """g^T x for g (tokens, out) and x (tokens, in), with the weight's layout.
 
-    Computing (x^T g)^T instead ran 15-20% faster in isolation for widening layers (w1, w3) but made no difference
-    measurable in the model's step, so one orientation is kept.
+    Through the C++ kernels where they are built (models/cpu_native.py): oneDNN's batched-matmul entry takes the
+    transposed views without copies and, oriented with the shorter feature dimension as rows, ran 15-25% faster
+    than this op's matmul over the same views, and than oneDNN's inner-product weight-gradient primitive, whose
+    inputs need copies into oneDNN's layout (fourth host, 2026-12-03). Elsewhere, and in code that torch.compile
+    traces, this op over transposed views.
     """
+    if not torch.compiler.is_compiling() and cpu_native.load():
+        return torch.ops.supertrain_cpu.linear_weight_grad(grad_out, x)
     return LINEAR_OP(grad_out.t(), x.t())
 
 

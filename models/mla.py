@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.ops import Linear, apply_rope, causal_attention, rope_tables
+from models.ops import Linear, RMSNorm, apply_rope, causal_attention, rope_tables
 
 
-def _normalize(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+def _normalize(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm in its weight's dtype: under autocast a latent arrives in bf16 from a Linear while the norm weight is
     fp32, and mixing them falls off the fused kernel (with a warning) for no gain in precision."""
     return norm(x.to(norm.weight.dtype))
@@ -47,13 +47,13 @@ class MultiHeadLatentAttention(nn.Module):
         self.low_rank_query = cfg.q_lora_rank > 0
         if self.low_rank_query:
             self.wq_a = Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
             self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
         else:
             self.wq = Linear(cfg.d_model, cfg.n_heads * qk_dim, bias=False)
         self.wkv_a = Linear(cfg.d_model, cfg.kv_lora_rank, bias=False)
         self.wk_rope = Linear(cfg.d_model, cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.d_model, bias=False)
 

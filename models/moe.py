@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import Activation, ModelConfig, ScoreFn
-from models.ops import Linear, grouped_mm
+from models.ops import Linear, grouped_mm, swiglu
 from models.transformer import FeedForward, canonical_name
 
 
@@ -59,7 +59,7 @@ class GroupedExperts(nn.Module):
         if self.w3 is None:
             hidden = F.gelu(grouped_mm(x, w1, counts), approximate="tanh")
         else:
-            hidden = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, _local(self.w3).to(dtype), counts)
+            hidden = swiglu(grouped_mm(x, w1, counts), grouped_mm(x, _local(self.w3).to(dtype), counts))
         return grouped_mm(hidden, w2, counts)
 
 

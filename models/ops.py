@@ -1,7 +1,9 @@
-"""Numerical building blocks shared by the model: linear layers, rotary embeddings, causal attention, grouped matmul.
+"""Numerical building blocks shared by the model: linear layers, RMSNorm, SwiGLU, rotary embeddings, causal
+attention, grouped matmul.
 
-Kept as plain functions (and one nn.Linear subclass that calls `linear`) so a device can swap in a fused kernel in
-one place without touching the model.
+Kept as plain functions (and nn.Linear / nn.RMSNorm subclasses that call them) so a device can swap in a fused
+kernel in one place without touching the model. On CPU in fp32 that is models/cpu_linear.py for projections and
+models/cpu_native.py (C++) for RMSNorm, SwiGLU and attention.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cpu_attention import blocked_attention_applies, blocked_causal_attention
+from models import cpu_native
+from models.cpu_attention import QUERY_BLOCK, blocked_attention_applies, blocked_causal_attention
 from models.cpu_linear import onednn_linear, onednn_linear_applies
 
 
@@ -29,6 +32,30 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: one fused pass each way for fp32 on CPU, else ATen's."""
+    if cpu_native.native_applies(x, weight):
+        return cpu_native.rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose computation goes through `rms_norm` (a subclass: names, checkpoints and tensor-parallel
+    plans are unchanged). Always built with a weight and an explicit eps, as every model here builds it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.eps is None:
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one fused pass each way for fp32 on CPU, which also keeps one tensor fewer for backward."""
+    if cpu_native.native_applies(gate, up):
+        return cpu_native.swiglu(gate, up)
+    return F.silu(gate) * up
 
 
 def rope_tables(seq_len: int, dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,28 +89,35 @@ def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return rotated.flatten(-2).type_as(x)
 
 
+def _expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rep = q.shape[2] // k.shape[2]
+    if n_rep > 1:
+        return k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
+    return k, v
+
+
 @torch.compiler.disable
 def _blocked_attention_outside_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A graph break under torch.compile, a plain call in eager mode."""
-    return blocked_causal_attention(q, k, v)
+    """A graph break under torch.compile, a plain call in eager mode. The C++ kernel reads shared kv heads in
+    place; the Python one needs them expanded."""
+    if cpu_native.native_applies(q, k, v):
+        return cpu_native.causal_attention(q, k, v, QUERY_BLOCK)
+    return blocked_causal_attention(q, *_expand_kv_heads(q, k, v))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention on (batch, seq, heads, dim) tensors; k and v may have fewer heads (grouped-query).
 
     The kv heads are expanded explicitly rather than through SDPA's enable_gqa, which not every backend
-    (torch_npu in particular) implements. fp32 on CPU from 512 to 1024 positions runs our block-causal kernel
-    (models/cpu_attention.py), faster there than ATen's CPU flash kernel; everything else goes to SDPA. Under
-    torch.compile the kernel still runs, eagerly, between two compiled graphs: Inductor would otherwise trace it
-    as plain ops or, before, the model fell back to SDPA's flash kernel, and either made compiled blocks slower
-    than eager ones on CPU.
+    (torch_npu in particular) implements. fp32 on CPU from 512 to 1024 positions runs the block-causal kernel, in
+    C++ (models/cpu_native.py) or else in Python (models/cpu_attention.py), faster there than ATen's CPU flash
+    kernel; everything else goes to SDPA. Under torch.compile the kernel still runs, eagerly, between two compiled
+    graphs: Inductor would otherwise trace it as plain ops or, before, the model fell back to SDPA's flash kernel,
+    and either made compiled blocks slower than eager ones on CPU.
     """
-    n_rep = q.shape[2] // k.shape[2]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=2)
-        v = v.repeat_interleave(n_rep, dim=2)
     if blocked_attention_applies(q, k, v):
         return _blocked_attention_outside_graph(q, k, v)
+    k, v = _expand_kv_heads(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
 

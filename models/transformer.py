@@ -15,7 +15,7 @@ from torch import nn
 
 from models.attention import build_attention
 from models.config import Activation, ModelConfig
-from models.ops import Linear
+from models.ops import Linear, RMSNorm, swiglu
 
 
 class FeedForward(nn.Module):
@@ -31,15 +31,15 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is None:
             return self.w2(nn.functional.gelu(self.w1(x), approximate="tanh"))
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attention = build_attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.is_moe_layer(layer_id):
             from models.moe import MoE
 
@@ -58,7 +58,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
-        self.norm: Optional[nn.RMSNorm] = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.output: Optional[Linear] = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

@@ -80,6 +80,7 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
     device = resolve_device(cfg.device.type)
     dims = ParallelDims.from_config(cfg.parallel, info.world_size, cfg.model, cfg.train)
     check_supported(cfg, dims)
+    device.prepare_process()
     return device, dims
 
 

@@ -160,13 +160,19 @@ class TokenShape:
         return self.seq_len * self.micro_batch / self.cp
 
 
-def _norm_elements(d: int, shape: TokenShape) -> tuple[float, float]:
+def _native_cpu(shape: TokenShape, software: Software) -> bool:
+    """Whether plain fp32 tensors go to the fused C++ kernels of models/cpu_native.py, which keep less."""
+    return software.native_cpu_kernels and shape.act_bytes == 4
+
+
+def _norm_elements(d: int, shape: TokenShape, software: Software) -> tuple[float, float]:
     """(act-dtype elements, fp32 elements) per token saved around one pre-norm and the linear that reads it:
-    the norm input, x/rms, the normalised output that the next linear keeps, and 1/rms."""
+    the norm input, x/rms (not kept by the fused CPU kernel), the normalised output that the next linear keeps,
+    and 1/rms."""
     if shape.sequence_parallel and shape.tp > 1:
-        # Input and x/rms are sequence-sharded; the linear keeps the all-gathered output, which is whole.
+        # Input and x/rms are sequence-sharded (DTensors: ATen's norm); the linear keeps the all-gathered output.
         return 2 * d / shape.tp + d, 1 / shape.tp
-    return 3 * d, 1
+    return (2 if _native_cpu(shape, software) else 3) * d, 1
 
 
 def _attention_kernel(cfg: ModelConfig, shape: TokenShape, software: Software) -> tuple[bool, bool]:
@@ -179,13 +185,14 @@ def _attention_kernel(cfg: ModelConfig, shape: TokenShape, software: Software) -
 def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software = SUPERTRAIN) -> tuple[float, float]:
     """(act-dtype, fp32) elements per token that one attention block saves, norm included."""
     t = shape.tp
-    act, fp32 = _norm_elements(cfg.d_model, shape)
+    act, fp32 = _norm_elements(cfg.d_model, shape, software)
     h = cfg.n_heads
     fused, blocked = _attention_kernel(cfg, shape, software)
     if cfg.attention == AttentionKind.mla:
-        # Low-rank paths are replicated over tp: down-projection output, its norm (input, x/rms) and the
-        # normalised input of the up-projection, for the query (if low-rank) and for the compressed kv.
-        act += 3 * cfg.q_lora_rank + 3 * cfg.kv_lora_rank
+        # Low-rank paths are replicated over tp: down-projection output, its norm (input, and x/rms unless the
+        # fused CPU kernel runs it) and the normalised input of the up-projection, for the query (if low-rank) and
+        # for the compressed kv.
+        act += (2 if _native_cpu(shape, software) else 3) * (cfg.q_lora_rank + cfg.kv_lora_rank)
         fp32 += (1 if cfg.q_lora_rank else 0) + 1
         if blocked:
             # Contiguous per-head copies of q (scaled), k and v, the output and the block-causal probabilities.
@@ -213,18 +220,20 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
     return act, fp32
 
 
-def mlp_elements(cfg: ModelConfig, hidden: int, shape: TokenShape) -> float:
+def mlp_elements(cfg: ModelConfig, hidden: int, shape: TokenShape, software: Software) -> float:
     """Elements per token a feed-forward block saves (its pre-norm excluded): SwiGLU keeps w1 and w3 outputs,
-    silu's output and the product w2 reads; GELU keeps its input and output."""
-    return (4 if cfg.activation == Activation.swiglu else 2) * hidden / shape.tp
+    silu's output (not with the fused CPU kernel) and the product w2 reads; GELU keeps its input and output."""
+    if cfg.activation != Activation.swiglu:
+        return 2 * hidden / shape.tp
+    return (3 if _native_cpu(shape, software) else 4) * hidden / shape.tp
 
 
 def ffn_elements(cfg: ModelConfig, layer: int, shape: TokenShape, software: Software = SUPERTRAIN) -> tuple[float, float]:
-    act, fp32 = _norm_elements(cfg.d_model, shape)
+    act, fp32 = _norm_elements(cfg.d_model, shape, software)
     if software.dropout:
         act += cfg.d_model / shape.act_bytes
     if not cfg.is_moe_layer(layer):
-        return act + mlp_elements(cfg, cfg.ffn_hidden, shape), fp32
+        return act + mlp_elements(cfg, cfg.ffn_hidden, shape, software), fp32
     # Each routed copy keeps its dispatched input and the expert output the combine weights; shared experts are
     # one wide MLP. supertrain's tensor parallelism does not split the MoE block (every tp rank runs it whole).
     whole = shape if software.tp_splits_experts else TokenShape(shape.seq_len, shape.micro_batch, 1, shape.cp,
@@ -232,8 +241,9 @@ def ffn_elements(cfg: ModelConfig, layer: int, shape: TokenShape, software: Soft
     # Router: fp32 scores per expert, then per chosen expert its int64 index (twice: per token and flattened)
     # and gathered score, in fp32-sized units.
     fp32 += cfg.n_routed_experts + 5 * cfg.top_k + 1
-    routed = cfg.top_k * (2 * cfg.d_model + mlp_elements(cfg, cfg.moe_ffn_hidden, whole))
-    shared = mlp_elements(cfg, cfg.n_shared_experts * cfg.moe_ffn_hidden, whole) if cfg.n_shared_experts else 0.0
+    routed = cfg.top_k * (2 * cfg.d_model + mlp_elements(cfg, cfg.moe_ffn_hidden, whole, software))
+    shared = (mlp_elements(cfg, cfg.n_shared_experts * cfg.moe_ffn_hidden, whole, software)
+              if cfg.n_shared_experts else 0.0)
     return act + routed + shared, fp32
 
 
@@ -260,17 +270,19 @@ def selective_elements(cfg: ModelConfig, layer: int, shape: TokenShape, software
     the output of every matmul and of attention (with its log-sum-exp); norms, rotary, GQA expansion and
     activation functions are recomputed. Where SDPA falls back to its math path (unequal head widths on CPU), that
     path's bmm ops are matmuls too and its seq x seq scores are kept; Megatron's selective recompute (the runs
-    without flash attention) recomputes the whole attention core instead."""
+    without flash attention) recomputes the whole attention core instead, and so does supertrain for the fused
+    CPU attention call, whose matmuls run inside it."""
     t, d, h = shape.tp, cfg.d_model, cfg.n_heads
     fused, blocked = _attention_kernel(cfg, shape, software)
     sdpa_math = software.flash_attention and not fused and not blocked
     scores = h * shape.seq_len / t if sdpa_math else 0.0
+    output_kept = 0.0 if blocked and _native_cpu(shape, software) else 1.0
     if cfg.attention == AttentionKind.mla:
         q = (cfg.q_lora_rank + h * cfg.qk_head_dim / t) if cfg.q_lora_rank else h * cfg.qk_head_dim / t
         kv = cfg.kv_lora_rank + cfg.qk_rope_head_dim + h * (cfg.qk_nope_head_dim + cfg.v_head_dim) / t
-        attention = q + kv + h * cfg.v_head_dim / t + d + scores
+        attention = q + kv + output_kept * h * cfg.v_head_dim / t + d + scores
     else:
-        attention = (h + 2 * cfg.n_kv_heads) * cfg.head_dim / t + h * cfg.head_dim / t + d + scores
+        attention = (h + 2 * cfg.n_kv_heads) * cfg.head_dim / t + output_kept * h * cfg.head_dim / t + d + scores
     fp32 = h / t
     gates = 2 if cfg.activation == Activation.swiglu else 1
     if not cfg.is_moe_layer(layer):
@@ -290,9 +302,9 @@ def rope_table_bytes(cfg: ModelConfig, shape: TokenShape) -> float:
     return FP32 * shape.seq_len / shape.cp * cfg.rope_dim
 
 
-def head_activation_bytes(cfg: ModelConfig, shape: TokenShape) -> float:
+def head_activation_bytes(cfg: ModelConfig, shape: TokenShape, software: Software = SUPERTRAIN) -> float:
     """Final norm, the output projection's input and the fp32 log-softmax of the (vocab-parallel) logits."""
-    act, fp32 = _norm_elements(cfg.d_model, shape)
+    act, fp32 = _norm_elements(cfg.d_model, shape, software)
     return shape.tokens * (act * shape.act_bytes + fp32 * FP32 + cfg.vocab_size / shape.tp * FP32)
 
 
@@ -325,7 +337,7 @@ def rank_activations(
     # A pipeline stage keeps the activation it received and the one it sent until their backward.
     boundary = shape.tokens * cfg.d_model / (shape.tp if shape.sequence_parallel else 1) * shape.act_bytes
     total += boundary * ((not embedding) + (not head))
-    head_bytes = head_activation_bytes(cfg, shape) if head else 0.0
+    head_bytes = head_activation_bytes(cfg, shape, software) if head else 0.0
     return RankActivations(total + head_bytes, largest if recompute != "none" else 0.0, head_bytes)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.cpu_native import NATIVE_EXPECTED
 from parallel.plan.layout import Layout
 
 
@@ -45,6 +46,10 @@ class Software:
     # fp32 attention over 512-1024 positions runs models/cpu_attention.py, which keeps its block-causal
     # probabilities (about seq/2 per query and head) instead of a log-sum-exp.
     blocked_cpu_attention: bool = False
+    # fp32 RMSNorm, SwiGLU and blocked attention run the fused C++ kernels of models/cpu_native.py: a norm keeps its
+    # input and 1/rms (not x/rms too), SwiGLU its two inputs (not silu's output too), and selective recompute
+    # recomputes the whole attention call (the Python kernel's P @ V outputs were kept as matmul outputs).
+    native_cpu_kernels: bool = False
 
     def fused_attention(self, qk_dim: int, v_dim: int) -> bool:
         return self.flash_attention and (qk_dim == v_dim or self.fused_unequal_head_dims)
@@ -53,9 +58,10 @@ class Software:
 SUPERTRAIN = Software("supertrain")
 # supertrain on CPU ranks (the `local` cluster): gloo runs its collectives on the same cores that compute, so
 # nothing overlaps; PyTorch's CPU flash kernel needs equal q/k and v head widths; fp32 attention of 512-1024
-# positions runs our blocked kernel.
+# positions runs our blocked kernel; where this machine builds models/cpu_native.py, its fused kernels run.
 SUPERTRAIN_CPU = Software("supertrain-cpu", overlap_grad_reduce=False, overlap_param_gather=False,
-                          fused_unequal_head_dims=False, blocked_cpu_attention=True)
+                          fused_unequal_head_dims=False, blocked_cpu_attention=True,
+                          native_cpu_kernels=NATIVE_EXPECTED)
 MEGATRON_2021 = Software(
     "megatron-lm 2021", flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=False, grad_reduce_bytes=2, megatron_states=True, scatter_gather_p2p=True,

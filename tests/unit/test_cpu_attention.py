@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import cpu_attention
+from models import cpu_attention, cpu_native
 from models.cpu_attention import blocked_attention_applies, blocked_causal_attention
 from models.ops import apply_rope, causal_attention, rope_real, rope_tables
 
@@ -67,18 +67,25 @@ def test_taken_for_fp32_cpu_in_its_sequence_range_only():
         assert not blocked_attention_applies(*operands(512))
 
 
-def test_causal_attention_routes_grouped_query_heads_through_the_kernel(monkeypatch):
+@pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
+def test_causal_attention_routes_grouped_query_heads_through_the_kernel(monkeypatch, native):
+    """The Python kernel gets kv heads expanded to every query head; the C++ one reads the shared heads in place."""
+    if native and not cpu_native.load():
+        pytest.skip("the C++ kernels are not built on this machine")
+    monkeypatch.setattr(cpu_native, "NATIVE_EXPECTED", native)
     calls = []
+    kernel = cpu_native.causal_attention if native else blocked_causal_attention
 
     def recording_kernel(*operands):
         calls.append(operands)
-        return blocked_causal_attention(*operands)
+        return kernel(*operands)
 
-    monkeypatch.setattr("models.ops.blocked_causal_attention", recording_kernel)
+    monkeypatch.setattr("models.cpu_native.causal_attention" if native else "models.ops.blocked_causal_attention",
+                        recording_kernel)
     q = torch.randn(1, 512, 4, 16)
     k, v = torch.randn(1, 512, 2, 16), torch.randn(1, 512, 2, 16)
     out = causal_attention(q, k, v)
-    assert len(calls) == 1 and calls[0][1].shape[2] == 4  # kv heads expanded before the kernel
+    assert len(calls) == 1 and calls[0][1].shape[2] == (2 if native else 4)
     expanded = [t.repeat_interleave(2, dim=2) for t in (k, v)]
     torch.testing.assert_close(out, sdpa_reference(q, *expanded), rtol=1e-5, atol=2e-5)
 

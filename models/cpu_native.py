@@ -1,0 +1,202 @@
+"""Fused fp32 CPU kernels (models/csrc/cpu_kernels.cpp): RMSNorm, SwiGLU and block-causal attention.
+
+PyTorch runs RMSNorm as five passes over memory and SwiGLU as two, forward and again backward; the C++ kernels make
+each one pass. Attention moves the block-causal scheme of models/cpu_attention.py into one call whose batched
+matmuls run on oneDNN, 2-2.5x faster than torch.bmm on AMD CPUs, where PyTorch's bmm goes to MKL at AVX2 speed
+(measured on the benchmark's shapes, docs/design_decisions.md). In fp32 the results match ATen's to rounding.
+
+The extension is built with torch.utils.cpp_extension the first time a process on a machine needs it (about 25 s on
+2 cores; then cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR), for the vector width ATen itself
+chose on this CPU (AVX2 or AVX-512). It is used where that build exists: x86-64 hosts with AVX2 or AVX-512. Where
+oneDNN's batched matmul refuses the CPU (it needs AVX-512 or AVX-NE-CONVERT), the attention call keeps its fused
+passes and multiplies with torch.bmm. `SUPERTRAIN_CPU_KERNELS` chooses: `auto` (default: native where it builds,
+else ATen with one warning), `native` (stop at start-up if it cannot be built), `aten` (never build).
+
+Taken only for plain fp32 CPU tensors outside autocast and outside torch.compile's tracing (Inductor fuses these
+ops itself); DTensors keep ATen's ops, which know how to shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROUTE_VARIABLE = "SUPERTRAIN_CPU_KERNELS"
+_ROUTES = ("auto", "native", "aten")
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+# One build per vector width, so that a cache folder shared by different CPUs never hands one the other's build.
+EXTENSION_NAME = f"supertrain_cpu_kernels_{_CAPABILITY.lower()}"
+# Compiler flags per ATen CPU capability: the kernels use ATen's vector type at the width ATen dispatches to here.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+log = logging.getLogger("supertrain")
+
+
+class NativeKernelError(RuntimeError):
+    """SUPERTRAIN_CPU_KERNELS=native, and the kernels cannot be built or loaded here."""
+
+
+def native_expected_for(route: str, machine: str, capability: str) -> bool:
+    """Whether fp32 CPU work goes to the native kernels, given the route asked for, the machine and ATen's CPU
+    capability; raises ValueError (one line) for a bad route or `native` where no build exists."""
+    if route not in _ROUTES:
+        raise ValueError(f"{ROUTE_VARIABLE}={route!r} is not a route: use one of {', '.join(_ROUTES)}")
+    buildable = machine in ("x86_64", "amd64") and capability in _CAPABILITY_FLAGS
+    if route == "native" and not buildable:
+        raise ValueError(f"{ROUTE_VARIABLE}=native, but there is no build of the kernels for this CPU "
+                         f"({machine}, {capability}): unset it or use aten")
+    return route != "aten" and buildable
+
+
+# A bad value is kept as a message rather than raised here, so that importing the model never fails;
+# launch.device.resolve_device stops the run with it at start-up.
+try:
+    NATIVE_EXPECTED = native_expected_for(os.environ.get(ROUTE_VARIABLE, "auto"), platform.machine().lower(),
+                                          _CAPABILITY)
+    ROUTE_ERROR: Optional[str] = None
+except ValueError as error:
+    NATIVE_EXPECTED, ROUTE_ERROR = False, str(error)
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> bool:
+    """Build (once per machine) and load the kernels; True when they are registered as torch.ops.supertrain_cpu.
+
+    Under `auto` a failed build logs one warning and the run continues on ATen's ops; under `native` it raises.
+    """
+    if not NATIVE_EXPECTED:
+        return False
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *_CAPABILITY_FLAGS[_CAPABILITY]],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler or ninja, missing headers, a failed link: all end the same way
+        reason = _first_error_line(str(error))
+        if os.environ.get(ROUTE_VARIABLE) == "native":
+            raise NativeKernelError(f"{ROUTE_VARIABLE}=native, but building {SOURCE.name} failed: {reason}") from None
+        log.warning("fused CPU kernels unavailable, using ATen's ops (set %s=aten to skip the build): %s",
+                    ROUTE_VARIABLE, reason)
+        return False
+    return True
+
+
+def _first_error_line(message: str) -> str:
+    """The compiler's first error out of a build log (torch puts the whole ninja output in the exception)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if ": error:" in line or ": fatal error:" in line]
+    return (errors or lines or [message])[0][:300]
+
+
+def description() -> str:
+    """What fp32 CPU work runs on, for the start-up log line."""
+    if not load():
+        return "ATen ops"
+    matmul = "oneDNN" if torch.ops.supertrain_cpu.onednn_matmul_in_use() else "torch.bmm"
+    return f"fused {_CAPABILITY} kernels (attention matmuls on {matmul})"
+
+
+def matmul_ops() -> tuple[Any, ...]:
+    """The ops whose work is mostly matmuls, where the kernels are loaded (for the benchmark's replay): the weight
+    gradient, and the attention forward and backward (whose batched matmuls run inside them)."""
+    if not load():
+        return ()
+    ops = torch.ops.supertrain_cpu
+    return (ops.linear_weight_grad.default, ops.causal_attention.default, ops.causal_attention_backward.default)
+
+
+def native_applies(*tensors: torch.Tensor) -> bool:
+    """Whether these operands take the native kernels: plain fp32 CPU tensors, no autocast, not being traced by
+    torch.compile, and the kernels built. Reads only types, devices and dtypes, so it costs nothing per call."""
+    if not NATIVE_EXPECTED or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+    return not torch.is_autocast_enabled("cpu") and load()
+
+
+# ---- autograd around the ops ---------------------------------------------------------------------------------
+
+
+def _ops() -> Any:
+    """torch.ops.supertrain_cpu, built and loaded; callers check `native_applies` first."""
+    if not load():
+        raise NativeKernelError(f"the fused CPU kernels are not available here ({ROUTE_VARIABLE}, CPU or build)")
+    return torch.ops.supertrain_cpu
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        y, rstd = _ops().rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = _ops().rms_norm_backward(grad, x, weight, rstd)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, one pass each way; keeps x and 1/rms for backward."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return _ops().swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return tuple(_ops().swiglu_backward(grad, *ctx.saved_tensors))  # type: ignore[return-value]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, one pass each way; keeps only gate and up for backward (ATen also keeps silu(gate))."""
+    return _SwiGLU.apply(gate, up)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:  # type: ignore[override]
+        out, saved = _ops().causal_attention(q, k, v, block)
+        ctx.save_for_backward(*saved)
+        ctx.kv_heads, ctx.block = k.shape[2], block
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), ctx.kv_heads,
+                                                                   ctx.block)
+        return (*grads, None)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-causal softmax(q k^T / sqrt(qk_dim)) v on (batch, seq, heads, dim) tensors, queries in blocks of `block`.
+
+    k and v may have fewer heads than q (grouped-query attention: q head h reads kv head h // (heads / kv_heads)),
+    and v may be narrower than q and k. Keeps per block the scaled q, k and v expanded to every query head, the
+    output and the probabilities against the key blocks at or before it, as the Python kernel does.
+    """
+    return _CausalAttention.apply(q, k, v, block)
