@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
 # One thread in the test process: the machine has two cores, and an in-process reference run with two OpenMP
 # threads slows to a crawl whenever rank processes or other jobs hold the cores.
@@ -37,6 +38,8 @@ FAST = [
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    # C++ extensions already built (models/cpu_native.py, DeepSpeed's) stay found when a test points HOME elsewhere.
+    env.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
     env.update(extra)
     return env
 
