@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.config import AttentionKind, ModelConfig
-from models.ops import Linear, apply_rope, causal_attention, rope_tables
+from models.ops import Linear, causal_attention, project, rope_tables
 
 
 class GroupedQueryAttention(nn.Module):
@@ -29,11 +29,8 @@ class GroupedQueryAttention(nn.Module):
         """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
         batch, seq, _ = x.shape
         rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device)
-        q = self.wq(x).view(batch, seq, -1, self.head_dim)
-        k = self.wk(x).view(batch, seq, -1, self.head_dim)
-        v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.wo(causal_attention(q, k, v).reshape(batch, seq, -1))
+        q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in project(x, (self.wq, self.wk, self.wv)))
+        return self.wo(causal_attention(q, k, v, rope).reshape(batch, seq, -1))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

@@ -179,24 +179,28 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:  # type: ignore[override]
-        out, saved = _ops().causal_attention(q, k, v, block)
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,  # type: ignore[override]
+                cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+        out, saved = _ops().causal_attention(q, k, v, cos, sin, block)
         ctx.save_for_backward(*saved)
-        ctx.kv_heads, ctx.block = k.shape[2], block
+        ctx.kv_heads, ctx.block, ctx.rope = k.shape[2], block, (cos, sin)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), ctx.kv_heads,
-                                                                   ctx.block)
-        return (*grads, None)
+        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.block)
+        return (*grads, None, None, None)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
+                     rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Block-causal softmax(q k^T / sqrt(qk_dim)) v on (batch, seq, heads, dim) tensors, queries in blocks of `block`.
 
     k and v may have fewer heads than q (grouped-query attention: q head h reads kv head h // (heads / kv_heads)),
-    and v may be narrower than q and k. Keeps per block the scaled q, k and v expanded to every query head, the
-    output and the probabilities against the key blocks at or before it, as the Python kernel does.
+    and v may be narrower than q and k. With `rope` = (cos, sin) tables (seq, qk_dim / 2), q and k are rotated first
+    (models.ops.apply_rope's convention) inside the copies the kernel makes anyway. Keeps per block the scaled q, k
+    and v expanded to every query head, the output and the probabilities against the key blocks at or before it, as
+    the Python kernel does.
     """
-    return _CausalAttention.apply(q, k, v, block)
+    cos, sin = rope if rope is not None else (None, None)
+    return _CausalAttention.apply(q, k, v, block, cos, sin)

@@ -8,7 +8,7 @@ models/cpu_native.py (C++) for RMSNorm, SwiGLU and attention.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import nn
 
 from models import cpu_native
 from models.cpu_attention import QUERY_BLOCK, blocked_attention_applies, blocked_causal_attention
-from models.cpu_linear import onednn_linear, onednn_linear_applies
+from models.cpu_linear import onednn_linear, onednn_linear_applies, onednn_linear_group
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -32,6 +32,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def project(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]` for layers that read the same input (attention's q, k and v).
+
+    On the oneDNN CPU route (plain fp32 weights, no bias) one product against the stacked weights, whose outputs
+    are column blocks of one tensor (models/cpu_linear.py). Otherwise each layer is called as a module, so that
+    tensor parallelism's hooks on it (whose weights are DTensors, never on that route) still run.
+    """
+    if all(onednn_linear_applies(x, layer.weight, layer.bias) for layer in layers):
+        return onednn_linear_group(x, [layer.weight for layer in layers])
+    return [layer(x) for layer in layers]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,26 +109,34 @@ def _expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
 
 
 @torch.compiler.disable
-def _blocked_attention_outside_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A graph break under torch.compile, a plain call in eager mode. The C++ kernel reads shared kv heads in
-    place; the Python one needs them expanded."""
+def _blocked_attention_outside_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """A graph break under torch.compile, a plain call in eager mode. The C++ kernel rotates q and k and reads
+    shared kv heads in place; the Python one needs them rotated and expanded."""
     if cpu_native.native_applies(q, k, v):
-        return cpu_native.causal_attention(q, k, v, QUERY_BLOCK)
+        return cpu_native.causal_attention(q, k, v, QUERY_BLOCK, rope)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return blocked_causal_attention(q, *_expand_kv_heads(q, k, v))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention on (batch, seq, heads, dim) tensors; k and v may have fewer heads (grouped-query).
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Causal attention on (batch, seq, heads, dim) tensors; k and v may have fewer heads (grouped-query). With
+    `rope` = (cos, sin) from `rope_tables`, q and k are rotated first (`apply_rope`).
 
     The kv heads are expanded explicitly rather than through SDPA's enable_gqa, which not every backend
     (torch_npu in particular) implements. fp32 on CPU from 512 to 1024 positions runs the block-causal kernel, in
-    C++ (models/cpu_native.py) or else in Python (models/cpu_attention.py), faster there than ATen's CPU flash
-    kernel; everything else goes to SDPA. Under torch.compile the kernel still runs, eagerly, between two compiled
-    graphs: Inductor would otherwise trace it as plain ops or, before, the model fell back to SDPA's flash kernel,
-    and either made compiled blocks slower than eager ones on CPU.
+    C++ (models/cpu_native.py, which also rotates q and k inside its own copies) or else in Python
+    (models/cpu_attention.py), faster there than ATen's CPU flash kernel; everything else goes to SDPA. Under
+    torch.compile the kernel still runs, eagerly, between two compiled graphs: Inductor would otherwise trace it
+    as plain ops or, before, the model fell back to SDPA's flash kernel, and either made compiled blocks slower
+    than eager ones on CPU.
     """
     if blocked_attention_applies(q, k, v):
-        return _blocked_attention_outside_graph(q, k, v)
+        return _blocked_attention_outside_graph(q, k, v, rope)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v = _expand_kv_heads(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)

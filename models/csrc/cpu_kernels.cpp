@@ -17,7 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace at::native {
@@ -258,10 +260,59 @@ struct Blocks {
   int64_t length(int64_t i) const { return std::min(block, seq - i * block); }
 };
 
+// Rotary embedding of consecutive pairs at each position: y = x * c + swap_pairs(x) * s, with per pair c = (cos, cos)
+// and s = (-sin, sin); the inverse rotation (its backward) is x = y * c - swap_pairs(y) * s. Undefined tables: none.
+struct Rotation {
+  at::Tensor c, s;  // (seq, dim)
+  bool active() const { return c.defined(); }
+};
+
+Rotation make_rotation(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, int64_t seq,
+                       int64_t dim) {
+  if (!cos.has_value() && !sin.has_value()) {
+    return {};
+  }
+  TORCH_CHECK(cos.has_value() && sin.has_value() && cos->sizes() == sin->sizes() && cos->dim() == 2 &&
+                  cos->size(0) >= seq && 2 * cos->size(1) == dim,
+              "supertrain_cpu::causal_attention: cos and sin must both be (>= ", seq, ", ", dim / 2, ")");
+  const auto c = cos->narrow(0, 0, seq).to(at::kFloat);
+  const auto s = sin->narrow(0, 0, seq).to(at::kFloat);
+  return {at::stack({c, c}, -1).reshape({seq, dim}).contiguous(), at::stack({-s, s}, -1).reshape({seq, dim}).contiguous()};
+}
+
+Vec swap_pairs(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_permute_ps(v, 0xB1));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_permute_ps(v, 0xB1));
+#else
+  float lanes[kVec];
+  v.store(lanes);
+  for (int64_t j = 0; j < kVec; j += 2) {
+    std::swap(lanes[j], lanes[j + 1]);
+  }
+  return Vec::loadu(lanes);
+#endif
+}
+
+// to[0:dim] = (from * c + direction * swap_pairs(from) * s) * scale. dim is even, so a vector never splits a pair.
+void rotate_row(float* to, const float* from, const float* c, const float* s, int64_t dim, float direction,
+                float scale) {
+  const Vec signed_scale(direction * scale), plain_scale(scale);
+  for (int64_t j = 0; j < dim; j += kVec) {
+    const int64_t count = std::min(kVec, dim - j);
+    const Vec x = Vec::loadu(from + j, count);
+    const Vec rotated = x * Vec::loadu(c + j, count) * plain_scale + swap_pairs(x) * Vec::loadu(s + j, count) * signed_scale;
+    rotated.store(to + j, count);
+  }
+}
+
 // (batch, seq, heads, dim) with unit stride in dim -> one contiguous (batch * out_heads, block length, dim) tensor per
-// query block, times `scale`. With fewer source heads than out_heads (grouped-query attention), out head h reads
-// source head h / (out_heads / heads): the expansion happens in this copy instead of a separate one.
-std::vector<at::Tensor> to_head_blocks(const at::Tensor& x, int64_t out_heads, const Blocks& blocks, float scale) {
+// query block, rotated (if `rotation` is active) and times `scale`. With fewer source heads than out_heads
+// (grouped-query attention), out head h reads source head h / (out_heads / heads): the expansion happens in this
+// copy instead of a separate one.
+std::vector<at::Tensor> to_head_blocks(const at::Tensor& x, int64_t out_heads, const Blocks& blocks, float scale,
+                                       const Rotation& rotation = {}) {
   const int64_t batch = x.size(0), heads = x.size(2), dim = x.size(3);
   const int64_t group = out_heads / heads;
   std::vector<at::Tensor> out;
@@ -271,6 +322,8 @@ std::vector<at::Tensor> to_head_blocks(const at::Tensor& x, int64_t out_heads, c
     targets.push_back(out.back().mutable_data_ptr<float>());
   }
   const float* src = x.const_data_ptr<float>();
+  const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
+  const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
   const int64_t sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
   at::parallel_for(0, batch * blocks.seq, 8, [&](int64_t begin, int64_t end) {
     for (int64_t bs = begin; bs < end; ++bs) {
@@ -279,7 +332,11 @@ std::vector<at::Tensor> to_head_blocks(const at::Tensor& x, int64_t out_heads, c
       for (int64_t h = 0; h < out_heads; ++h) {
         const float* from = src + b * sb + s * ss + (h / group) * sh;
         float* to = targets[i] + ((b * out_heads + h) * length + row) * dim;
-        at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to, from, dim);
+        if (pc != nullptr) {
+          rotate_row(to, from, pc + s * dim, ps + s * dim, dim, 1.0f, scale);
+        } else {
+          at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to, from, dim);
+        }
       }
     }
   });
@@ -287,9 +344,10 @@ std::vector<at::Tensor> to_head_blocks(const at::Tensor& x, int64_t out_heads, c
 }
 
 // The inverse of to_head_blocks: (batch * heads_in, length, dim) blocks -> contiguous (batch, seq, heads_out, dim),
-// times `scale`, summing the `heads_in / heads_out` heads that share an output head.
+// times `scale`, summing the `heads_in / heads_out` heads that share an output head, then rotated back (if
+// `rotation` is active).
 at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch, int64_t heads_out,
-                            const Blocks& blocks, float scale) {
+                            const Blocks& blocks, float scale, const Rotation& rotation = {}) {
   const int64_t heads_in = parts[0].size(0) / batch, dim = parts[0].size(2);
   const int64_t group = heads_in / heads_out;
   auto out = at::empty({batch, blocks.seq, heads_out, dim}, parts[0].options());
@@ -297,6 +355,8 @@ at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch,
   for (const auto& part : parts) {
     sources.push_back(part.const_data_ptr<float>());
   }
+  const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
+  const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
   float* dst = out.mutable_data_ptr<float>();
   at::parallel_for(0, batch * blocks.seq, 8, [&](int64_t begin, int64_t end) {
     for (int64_t bs = begin; bs < end; ++bs) {
@@ -309,6 +369,9 @@ at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch,
         for (int64_t k = 1; k < group; ++k) {
           const float* next = sources[i] + ((b * heads_in + h * group + k) * length + row) * dim;
           at::vec::map2<float>([scale](Vec total, Vec v) { return total + v * Vec(scale); }, to, to, next, dim);
+        }
+        if (pc != nullptr) {
+          rotate_row(to, to, pc + s * dim, ps + s * dim, dim, -1.0f, 1.0f);
         }
       }
     }
@@ -396,10 +459,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> grad_blocks_and_row
   return {grads, terms};
 }
 
-// Saved for backward, in this order: per block q (scaled), k, v (all expanded to the query heads), the output, then
-// the probabilities of query block i against key block j for i = 0.., j = 0..i.
+// With cos and sin (seq, dim / 2), q and k are first rotated (rotary embedding of consecutive pairs), inside the
+// copies the kernel makes anyway. Saved for backward, in this order: per block q (rotated, scaled), k (rotated), v
+// (all expanded to the query heads), the output, then the probabilities of query block i against key block j for
+// i = 0.., j = 0..i.
 std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tensor& q, const at::Tensor& k,
-                                                                 const at::Tensor& v, int64_t block) {
+                                                                 const at::Tensor& v,
+                                                                 const std::optional<at::Tensor>& cos,
+                                                                 const std::optional<at::Tensor>& sin,
+                                                                 int64_t block) {
   for (const auto& [t, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}}) {
     check_fp32_cpu(t, name);
     TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "supertrain_cpu::causal_attention: ", name,
@@ -413,8 +481,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   const Blocks blocks{seq, block};
   const int64_t n = blocks.count();
   const float scale = 1.0f / std::sqrt(static_cast<float>(q.size(3)));
-  auto qs = to_head_blocks(q, heads, blocks, scale);
-  auto ks = to_head_blocks(k, heads, blocks, 1.0f);
+  const Rotation rotation = make_rotation(cos, sin, seq, q.size(3));
+  auto qs = to_head_blocks(q, heads, blocks, scale, rotation);
+  auto ks = to_head_blocks(k, heads, blocks, 1.0f, rotation);
   auto vs = to_head_blocks(v, heads, blocks, 1.0f);
   std::vector<at::Tensor> outputs, probabilities;
   for (int64_t i = 0; i < n; ++i) {
@@ -441,8 +510,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
 
 // Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad_out,
-                                                                          at::TensorList saved, int64_t kv_heads,
-                                                                          int64_t block) {
+                                                                          at::TensorList saved,
+                                                                          const std::optional<at::Tensor>& cos,
+                                                                          const std::optional<at::Tensor>& sin,
+                                                                          int64_t kv_heads, int64_t block) {
   const int64_t batch = grad_out.size(0), seq = grad_out.size(1), heads = grad_out.size(2);
   const Blocks blocks{seq, block};
   const int64_t n = blocks.count();
@@ -451,6 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   const std::vector<at::Tensor> qs(saved.begin(), saved.begin() + n), ks(saved.begin() + n, saved.begin() + 2 * n),
       vs(saved.begin() + 2 * n, saved.begin() + 3 * n), outputs(saved.begin() + 3 * n, saved.begin() + 4 * n);
   const float scale = 1.0f / std::sqrt(static_cast<float>(qs[0].size(2)));
+  const Rotation rotation = make_rotation(cos, sin, seq, qs[0].size(2));
   auto [grads, row_terms] = grad_blocks_and_row_terms(grad_out.contiguous(), outputs, blocks);
   std::vector<at::Tensor> grad_q(n), grad_k(n), grad_v(n);
   for (int64_t j = 0; j < n; ++j) {
@@ -471,7 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       matmul_into(probabilities.transpose(1, 2), grads[i], grad_v[j], i > j);
     }
   }
-  return {from_head_blocks(grad_q, batch, heads, blocks, scale), from_head_blocks(grad_k, batch, kv_heads, blocks, 1.0f),
+  return {from_head_blocks(grad_q, batch, heads, blocks, scale, rotation),
+          from_head_blocks(grad_k, batch, kv_heads, blocks, 1.0f, rotation),
           from_head_blocks(grad_v, batch, kv_heads, blocks, 1.0f)};
 }
 
@@ -485,8 +558,9 @@ TORCH_LIBRARY(supertrain_cpu, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, int block) -> (Tensor, Tensor[])");
-  m.def("causal_attention_backward(Tensor grad_out, Tensor[] saved, int kv_heads, int block) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block) -> (Tensor, Tensor[])");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor[] saved, Tensor? cos, Tensor? sin, int kv_heads, "
+        "int block) -> (Tensor, Tensor, Tensor)");
   m.def("linear_weight_grad(Tensor grad_out, Tensor x) -> Tensor");
   m.def("onednn_matmul_in_use() -> bool", &supertrain::onednn_matmul_in_use);
 }

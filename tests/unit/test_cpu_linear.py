@@ -166,3 +166,38 @@ def test_cpu_peak_counts_every_matmul_the_model_runs():
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     torch.testing.assert_close(matmul_kernels(torch.float32)["onednn"](a, b.t().contiguous()), a @ b,
                                rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_projections_equal_separate_layers(any_size):
+    """q, k and v as one product against the stacked weights: the same outputs and gradients as three layers."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 48)
+    weights = [torch.randn(out, 48) for out in (32, 16, 16)]
+    grads_out = [torch.randn(2, 9, w.shape[0]) for w in weights]
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, *weights)]
+        outs = fn(leaves[0], leaves[1:])
+        torch.autograd.backward(outs, grads_out)
+        return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+    grouped = run(cpu_linear.onednn_linear_group)
+    separate = run(lambda x, ws: [F.linear(x, w) for w in ws])
+    for got, expected in zip(grouped, separate):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_project_groups_only_on_the_onednn_route(monkeypatch, preferred):
+    layers = [Linear(48, 48, bias=False) for _ in range(3)]
+    calls = []
+    monkeypatch.setattr(cpu_linear, "onednn_linear_group", lambda x, ws: calls.append(len(ws)) or [x] * len(ws))
+    monkeypatch.setattr("models.ops.onednn_linear_group", cpu_linear.onednn_linear_group)
+    from models.ops import project
+
+    project(torch.randn(4, 48), layers)  # too small a product for oneDNN: each layer on its own
+    assert calls == []
+    monkeypatch.setattr(cpu_linear, "MIN_FORWARD_MACS", 0)
+    project(torch.randn(4, 48), layers)
+    assert calls == [3]
+    project(torch.randn(4, 48).bfloat16(), [layer.bfloat16() for layer in layers])  # not fp32: each layer
+    assert calls == [3]

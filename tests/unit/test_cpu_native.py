@@ -246,3 +246,20 @@ def test_ops_entry_points_take_the_kernels_and_fall_back():
     # bf16 keeps ATen's ops
     torch.testing.assert_close(rms_norm(x.bfloat16(), weight.bfloat16(), 1e-6),
                                F.rms_norm(x.bfloat16(), (16,), weight.bfloat16(), 1e-6))
+
+
+@needs_kernels
+@pytest.mark.parametrize("seq, heads, kv_heads, dim", [(512, 4, 4, 32), (300, 4, 2, 24)])
+def test_attention_rotates_q_and_k_like_apply_rope(seq, heads, kv_heads, dim):
+    """The rotary embedding done inside the kernel's copies equals apply_rope before attention, gradients included."""
+    from models.ops import apply_rope, rope_tables
+
+    generator = torch.Generator().manual_seed(seq)
+    q = torch.randn(2, seq, heads, dim, generator=generator)
+    k, v = (torch.randn(2, seq, kv_heads, dim, generator=generator) for _ in range(2))
+    grad = torch.randn(2, seq, heads, dim, generator=generator)
+    rope = rope_tables(seq, dim, 10000.0, torch.device("cpu"))
+    ours = values_and_grads(lambda q, k, v: cpu_native.causal_attention(q, k, v, 128, rope), (q, k, v), grad)
+    reference = values_and_grads(lambda q, k, v: sdpa_reference(apply_rope(q, *rope), apply_rope(k, *rope), v),
+                                 (q, k, v), grad)
+    assert_all_close(ours, reference, ("out", "grad_q", "grad_k", "grad_v"), atol=2e-5)
