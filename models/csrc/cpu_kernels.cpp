@@ -407,7 +407,8 @@ void causal_softmax_(const std::vector<at::Tensor>& pieces) {
       }
       float total = 0.0f;
       for (int64_t j = 0; j < n; ++j) {
-        at::vec::map<float>([top](Vec v) { return (v - Vec(top)).exp(); }, row_ptr[j], row_ptr[j], valid[j]);
+        // exp_u20 (within 20 ulp), as ATen's own CPU flash-attention kernel takes for its softmax: 4% of this call.
+        at::vec::map<float>([top](Vec v) { return (v - Vec(top)).exp_u20(); }, row_ptr[j], row_ptr[j], valid[j]);
         total += at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, row_ptr[j], valid[j]);
       }
       const float inverse = 1.0f / total;
