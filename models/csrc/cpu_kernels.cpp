@@ -343,14 +343,13 @@ std::vector<at::Tensor> to_head_blocks(const at::Tensor& x, int64_t out_heads, c
   return out;
 }
 
-// The inverse of to_head_blocks: (batch * heads_in, length, dim) blocks -> contiguous (batch, seq, heads_out, dim),
-// times `scale`, summing the `heads_in / heads_out` heads that share an output head, then rotated back (if
-// `rotation` is active).
-at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch, int64_t heads_out,
-                            const Blocks& blocks, float scale, const Rotation& rotation = {}) {
-  const int64_t heads_in = parts[0].size(0) / batch, dim = parts[0].size(2);
-  const int64_t group = heads_in / heads_out;
-  auto out = at::empty({batch, blocks.seq, heads_out, dim}, parts[0].options());
+// The inverse of to_head_blocks: (batch * heads_in, length, dim) blocks -> `out` (batch, seq, heads_out, dim, unit
+// stride in dim), times `scale`, summing the `heads_in / heads_out` heads that share an output head, then rotated
+// back (if `rotation` is active).
+void from_head_blocks_into(const at::Tensor& out, const std::vector<at::Tensor>& parts, const Blocks& blocks,
+                           float scale, const Rotation& rotation = {}) {
+  const int64_t batch = out.size(0), heads_out = out.size(2), dim = out.size(3);
+  const int64_t heads_in = parts[0].size(0) / batch, group = heads_in / heads_out;
   std::vector<const float*> sources;
   for (const auto& part : parts) {
     sources.push_back(part.const_data_ptr<float>());
@@ -358,12 +357,13 @@ at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch,
   const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
   const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
   float* dst = out.mutable_data_ptr<float>();
+  const int64_t ob = out.stride(0), os = out.stride(1), oh = out.stride(2);
   at::parallel_for(0, batch * blocks.seq, 8, [&](int64_t begin, int64_t end) {
     for (int64_t bs = begin; bs < end; ++bs) {
       const int64_t b = bs / blocks.seq, s = bs % blocks.seq;
       const int64_t i = s / blocks.block, row = s % blocks.block, length = blocks.length(i);
       for (int64_t h = 0; h < heads_out; ++h) {
-        float* to = dst + (bs * heads_out + h) * dim;
+        float* to = dst + b * ob + s * os + h * oh;
         const float* first = sources[i] + ((b * heads_in + h * group) * length + row) * dim;
         at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to, first, dim);
         for (int64_t k = 1; k < group; ++k) {
@@ -376,6 +376,12 @@ at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch,
       }
     }
   });
+}
+
+at::Tensor from_head_blocks(const std::vector<at::Tensor>& parts, int64_t batch, int64_t heads_out,
+                            const Blocks& blocks, float scale, const Rotation& rotation = {}) {
+  auto out = at::empty({batch, blocks.seq, heads_out, parts[0].size(2)}, parts[0].options());
+  from_head_blocks_into(out, parts, blocks, scale, rotation);
   return out;
 }
 
@@ -509,7 +515,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   return {out, saved};
 }
 
-// Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them).
+// Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them), as views of one
+// (batch, seq, q width + k width + v width) tensor that holds them side by side: the gradient a q, k, v projection
+// made as one product (models/cpu_linear.py) takes whole, without concatenating three pieces.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad_out,
                                                                           at::TensorList saved,
                                                                           const std::optional<at::Tensor>& cos,
@@ -544,9 +552,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       matmul_into(probabilities.transpose(1, 2), grads[i], grad_v[j], i > j);
     }
   }
-  return {from_head_blocks(grad_q, batch, heads, blocks, scale, rotation),
-          from_head_blocks(grad_k, batch, kv_heads, blocks, 1.0f, rotation),
-          from_head_blocks(grad_v, batch, kv_heads, blocks, 1.0f)};
+  const int64_t qk_dim = qs[0].size(2), v_dim = vs[0].size(2);
+  const int64_t q_width = heads * qk_dim, k_width = kv_heads * qk_dim, v_width = kv_heads * v_dim;
+  auto grad_qkv = at::empty({batch, seq, q_width + k_width + v_width}, grad_out.options());
+  auto grad_q_out = grad_qkv.narrow(2, 0, q_width).view({batch, seq, heads, qk_dim});
+  auto grad_k_out = grad_qkv.narrow(2, q_width, k_width).view({batch, seq, kv_heads, qk_dim});
+  auto grad_v_out = grad_qkv.narrow(2, q_width + k_width, v_width).view({batch, seq, kv_heads, v_dim});
+  from_head_blocks_into(grad_q_out, grad_q, blocks, scale, rotation);
+  from_head_blocks_into(grad_k_out, grad_k, blocks, 1.0f, rotation);
+  from_head_blocks_into(grad_v_out, grad_v, blocks, 1.0f);
+  return {grad_q_out, grad_k_out, grad_v_out};
 }
 
 bool onednn_matmul_in_use() { return onednn_matmul_available(); }

@@ -201,3 +201,13 @@ def test_project_groups_only_on_the_onednn_route(monkeypatch, preferred):
     assert calls == [3]
     project(torch.randn(4, 48).bfloat16(), [layer.bfloat16() for layer in layers])  # not fp32: each layer
     assert calls == [3]
+
+
+def test_side_by_side_gradients_are_taken_whole_without_a_copy():
+    whole = torch.randn(2, 5, 24)
+    parts = whole.split([8, 8, 8], dim=-1)
+    joined = cpu_linear._side_by_side(parts)
+    assert joined is not None and joined.data_ptr() == whole.data_ptr() and torch.equal(joined, whole)
+    assert cpu_linear._side_by_side([torch.randn(2, 5, 8) for _ in range(3)]) is None  # separate tensors
+    assert cpu_linear._side_by_side([parts[0], parts[2], parts[1]]) is None  # out of order
+    assert cpu_linear._side_by_side(torch.randn(2, 5, 30).split(8, dim=-1)[:3]) is None  # a gap after them

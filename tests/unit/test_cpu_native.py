@@ -263,3 +263,14 @@ def test_attention_rotates_q_and_k_like_apply_rope(seq, heads, kv_heads, dim):
     reference = values_and_grads(lambda q, k, v: sdpa_reference(apply_rope(q, *rope), apply_rope(k, *rope), v),
                                  (q, k, v), grad)
     assert_all_close(ours, reference, ("out", "grad_q", "grad_k", "grad_v"), atol=2e-5)
+
+
+@needs_kernels
+def test_attention_gradients_come_back_side_by_side():
+    """q, k and v gradients share one buffer, in that order, so a fused q/k/v projection takes them whole."""
+    q, k, v = (torch.randn(1, 512, heads, 16, requires_grad=True) for heads in (4, 2, 2))
+    grads = torch.autograd.grad(cpu_native.causal_attention(q, k, v, 128).sum(), (q, k, v))
+    flat = [g.flatten(2) for g in grads]
+    from models.cpu_linear import _side_by_side
+
+    assert _side_by_side(flat) is not None
