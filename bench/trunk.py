@@ -238,7 +238,7 @@ def _trainer_step_times(cfg: Any, steps: int, run_dir: str) -> list[float]:
     return [tokens / r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]
 
 
-def trainer_overhead(steps: int = 8, rounds: int = 2) -> dict[str, float]:
+def trainer_overhead(steps: int = 10, rounds: int = 3) -> dict[str, float]:
     import tempfile
 
     cfg = _config()

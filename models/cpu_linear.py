@@ -178,7 +178,9 @@ class _OneDnnLinearGroup(torch.autograd.Function):
     its column blocks."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, *weights: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(x, *weights)
         return LINEAR_OP(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
 

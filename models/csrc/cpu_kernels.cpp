@@ -1,12 +1,14 @@
-// Fused fp32 CPU kernels: RMSNorm, SwiGLU and block-causal attention, forward and backward.
+// Fused fp32 CPU kernels: RMSNorm, SwiGLU and block-causal attention forward and backward, and the weight gradient
+// of a linear layer.
 //
 // ATen runs RMSNorm as five separate passes over the activations (pow, mean, rsqrt, two multiplies) and SwiGLU as
 // two (silu, multiply), each reading and writing whole tensors; here each is one pass per direction. Attention is
 // the block-causal scheme of models/cpu_attention.py done in one call: queries in blocks of `block` rows, each
-// multiplied only by the key blocks at or before it, with the masking, softmax and layout changes fused into
-// single passes and the batched matmuls on oneDNN, which runs 2-2.5x faster than torch.bmm's BLAS where PyTorch
-// sends bmm to MKL on AMD CPUs. Built on first use by models/cpu_native.py; the Python wrappers there own
-// autograd. Every kernel is deterministic for a given thread count and reduces in a fixed order.
+// multiplied only by the key blocks at or before it, with the rotary embedding, masking, softmax and layout changes
+// fused into single passes and the batched matmuls on oneDNN, which runs 2-2.5x faster than torch.bmm where
+// PyTorch sends bmm to MKL (AVX2 code on AMD CPUs). Built on first use by models/cpu_native.py; the Python
+// wrappers there and in models/cpu_linear.py own autograd. Every kernel is deterministic for a given thread count
+// and reduces in a fixed order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -93,8 +95,6 @@ at::Tensor transpose_copy(const at::Tensor& matrix) {
   return out;
 }
 
-// The weight gradient of y = x w^T: g^T x for g (tokens, out) and x (tokens, in). oneDNN multiplies a transposed
-// left operand by repacking it for every block of the output; one explicit transpose of g first is cheaper.
 // The weight gradient of y = x w^T: g^T x for g (tokens, out) and x (tokens, in), inner dimension = tokens. oneDNN
 // takes both operands as transposed views without copies, and runs the product fastest with the shorter of the two
 // feature dimensions as rows (measured: about 400 GFLOP/s against 330 for the other orientation at 512 x 1536); for a
@@ -181,8 +181,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
         const float dot = at::vec::map3_reduce_all<float>(
             [](Vec a, Vec b, Vec c) { return a * b * c; }, [](Vec a, Vec b) { return a + b; }, gr, pw, xr, d);
         const float correction = scale * scale * scale * dot / static_cast<float>(d);
-        at::vec::map3<float>([scale, correction](Vec a, Vec b, Vec c) { return a * b * Vec(scale) - c * Vec(correction); },
-                             pgx + r * d, gr, pw, xr, d);
+        at::vec::map3<float>(
+            [scale, correction](Vec a, Vec b, Vec c) { return a * b * Vec(scale) - c * Vec(correction); },
+            pgx + r * d, gr, pw, xr, d);
         at::vec::map3<float>([scale](Vec total, Vec a, Vec c) { return total + a * c * Vec(scale); }, acc, acc, gr, xr,
                              d);
       }
@@ -256,7 +257,6 @@ struct Blocks {
   int64_t seq;
   int64_t block;
   int64_t count() const { return (seq + block - 1) / block; }
-  int64_t start(int64_t i) const { return i * block; }
   int64_t length(int64_t i) const { return std::min(block, seq - i * block); }
 };
 
@@ -277,7 +277,8 @@ Rotation make_rotation(const std::optional<at::Tensor>& cos, const std::optional
               "supertrain_cpu::causal_attention: cos and sin must both be (>= ", seq, ", ", dim / 2, ")");
   const auto c = cos->narrow(0, 0, seq).to(at::kFloat);
   const auto s = sin->narrow(0, 0, seq).to(at::kFloat);
-  return {at::stack({c, c}, -1).reshape({seq, dim}).contiguous(), at::stack({-s, s}, -1).reshape({seq, dim}).contiguous()};
+  return {at::stack({c, c}, -1).reshape({seq, dim}).contiguous(),
+          at::stack({-s, s}, -1).reshape({seq, dim}).contiguous()};
 }
 
 Vec swap_pairs(const Vec& v) {
@@ -302,7 +303,8 @@ void rotate_row(float* to, const float* from, const float* c, const float* s, in
   for (int64_t j = 0; j < dim; j += kVec) {
     const int64_t count = std::min(kVec, dim - j);
     const Vec x = Vec::loadu(from + j, count);
-    const Vec rotated = x * Vec::loadu(c + j, count) * plain_scale + swap_pairs(x) * Vec::loadu(s + j, count) * signed_scale;
+    const Vec rotated =
+        x * Vec::loadu(c + j, count) * plain_scale + swap_pairs(x) * Vec::loadu(s + j, count) * signed_scale;
     rotated.store(to + j, count);
   }
 }
@@ -413,7 +415,8 @@ void causal_softmax_(const std::vector<at::Tensor>& pieces) {
       }
       float total = 0.0f;
       for (int64_t j = 0; j < n; ++j) {
-        // exp_u20 (within 20 ulp), as ATen's own CPU flash-attention kernel takes for its softmax: 4% of this call.
+        // exp_u20 (within 20 ulp), as ATen's own CPU flash-attention kernel takes for its softmax: the attention
+        // call took 4% less time than with the 1-ulp exp.
         at::vec::map<float>([top](Vec v) { return (v - Vec(top)).exp_u20(); }, row_ptr[j], row_ptr[j], valid[j]);
         total += at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, row_ptr[j], valid[j]);
       }

@@ -106,7 +106,8 @@ def test_a_failed_build_under_auto_warns_once_and_falls_back(broken_build, caplo
 @pytest.mark.skipif(not cpu_native.NATIVE_EXPECTED, reason="no build is attempted on this CPU")
 def test_a_failed_build_under_native_stops_the_run(broken_build, monkeypatch):
     monkeypatch.setenv(cpu_native.ROUTE_VARIABLE, "native")
-    with pytest.raises(DeviceError, match="SUPERTRAIN_CPU_KERNELS=native, but building cpu_kernels.cpp failed: .*error"):
+    expected = "SUPERTRAIN_CPU_KERNELS=native, but building cpu_kernels.cpp failed: .*error"
+    with pytest.raises(DeviceError, match=expected):
         resolve_device("cpu").prepare_process()
 
 
