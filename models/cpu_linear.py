@@ -164,7 +164,7 @@ def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     traces, this op over transposed views.
     """
     if not torch.compiler.is_compiling() and cpu_native.load():
-        return torch.ops.supertrain_cpu.linear_weight_grad(grad_out, x)
+        return torch.ops.supertrain_cpu.linear_weight_grad(grad_out, x, cpu_native.onednn_matmul())
     return LINEAR_OP(grad_out.t(), x.t())
 
 

@@ -104,12 +104,18 @@ def _first_error_line(message: str) -> str:
     return (errors or lines or [message])[0][:300]
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_matmul() -> bool:
+    """Whether the kernels multiply through oneDNN (it refuses CPUs without AVX-512 or AVX-NE-CONVERT; tried once
+    on a small product), else through ATen's bmm and mm."""
+    return load() and bool(torch.ops.supertrain_cpu.onednn_matmul_available())
+
+
 def description() -> str:
     """What fp32 CPU work runs on, for the start-up log line."""
     if not load():
         return "ATen ops"
-    matmul = "oneDNN" if torch.ops.supertrain_cpu.onednn_matmul_in_use() else "torch.bmm"
-    return f"fused {_CAPABILITY} kernels (attention matmuls on {matmul})"
+    return f"fused {_CAPABILITY} kernels (attention matmuls on {'oneDNN' if onednn_matmul() else 'torch.bmm'})"
 
 
 def matmul_ops() -> tuple[Any, ...]:
@@ -181,14 +187,16 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,  # type: ignore[override]
                 cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
-        out, saved = _ops().causal_attention(q, k, v, cos, sin, block)
+        onednn = onednn_matmul()
+        out, saved = _ops().causal_attention(q, k, v, cos, sin, block, onednn)
         ctx.save_for_backward(*saved)
-        ctx.kv_heads, ctx.block, ctx.rope = k.shape[2], block, (cos, sin)
+        ctx.kv_heads, ctx.block, ctx.rope, ctx.onednn = k.shape[2], block, (cos, sin), onednn
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.block)
+        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.block,
+                                                 ctx.onednn)
         return (*grads, None, None, None)
 
 

@@ -63,10 +63,11 @@ bool onednn_matmul_available() {
   return available;
 }
 
-// out = a @ b, or out += a @ b: (n, m, k) x (n, k, p) -> (n, m, p). Operands are contiguous or transposed views of
-// contiguous tensors (the layouts oneDNN takes without a copy); out is contiguous.
-void matmul_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
-  if (onednn_matmul_available()) {
+// out = a @ b, or out += a @ b: (n, m, k) x (n, k, p) -> (n, m, p), through oneDNN (`onednn`, where
+// onednn_matmul_available) or ATen's bmm. Operands are contiguous or transposed views of contiguous tensors (the
+// layouts oneDNN takes without a copy); out is contiguous.
+void matmul_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate, bool onednn) {
+  if (onednn) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
   } else if (accumulate) {
     out.baddbmm_(a, b);
@@ -99,7 +100,7 @@ at::Tensor transpose_copy(const at::Tensor& matrix) {
 // takes both operands as transposed views without copies, and runs the product fastest with the shorter of the two
 // feature dimensions as rows (measured: about 400 GFLOP/s against 330 for the other orientation at 512 x 1536); for a
 // widening layer that is x^T g, whose small result is transposed back.
-at::Tensor linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& input) {
+at::Tensor linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& input, bool onednn) {
   check_fp32_cpu(grad_out, "grad_out");
   check_fp32_cpu(input, "input");
   const auto g = grad_out.reshape({-1, grad_out.size(-1)}).contiguous();
@@ -110,7 +111,7 @@ at::Tensor linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& inpu
   const auto& rows = widening ? x : g;
   const auto& cols = widening ? g : x;
   auto product = at::empty({rows.size(1), cols.size(1)}, x.options());
-  if (onednn_matmul_available()) {
+  if (onednn) {
     at::native::mkldnn_matmul(rows.t(), cols, product, 0.0f, 1.0f);
   } else {
     at::mm_out(product, rows.t(), cols);
@@ -477,7 +478,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& cos,
                                                                  const std::optional<at::Tensor>& sin,
-                                                                 int64_t block) {
+                                                                 int64_t block, bool onednn) {
   for (const auto& [t, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}}) {
     check_fp32_cpu(t, name);
     TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "supertrain_cpu::causal_attention: ", name,
@@ -500,12 +501,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
     std::vector<at::Tensor> pieces;
     for (int64_t j = 0; j <= i; ++j) {
       pieces.push_back(at::empty({batch * heads, blocks.length(i), blocks.length(j)}, q.options()));
-      matmul_into(qs[i], ks[j].transpose(1, 2), pieces.back(), false);
+      matmul_into(qs[i], ks[j].transpose(1, 2), pieces.back(), false, onednn);
     }
     causal_softmax_(pieces);
     auto output = at::empty({batch * heads, blocks.length(i), v.size(3)}, q.options());
     for (int64_t j = 0; j <= i; ++j) {
-      matmul_into(pieces[j], vs[j], output, j > 0);
+      matmul_into(pieces[j], vs[j], output, j > 0, onednn);
     }
     outputs.push_back(output);
     probabilities.insert(probabilities.end(), pieces.begin(), pieces.end());
@@ -525,7 +526,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                           at::TensorList saved,
                                                                           const std::optional<at::Tensor>& cos,
                                                                           const std::optional<at::Tensor>& sin,
-                                                                          int64_t kv_heads, int64_t block) {
+                                                                          int64_t kv_heads, int64_t block,
+                                                                          bool onednn) {
   const int64_t batch = grad_out.size(0), seq = grad_out.size(1), heads = grad_out.size(2);
   const Blocks blocks{seq, block};
   const int64_t n = blocks.count();
@@ -547,12 +549,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
     for (int64_t j = 0; j <= i; ++j, ++p) {
       const at::Tensor& probabilities = saved[p];
       auto grad_scores = at::empty_like(probabilities);
-      matmul_into(grads[i], vs[j].transpose(1, 2), grad_scores, false);
+      matmul_into(grads[i], vs[j].transpose(1, 2), grad_scores, false, onednn);
       softmax_backward_(grad_scores, probabilities, row_terms[i]);
       // Key block j first meets a query block at i == j: that product initialises its gradients.
-      matmul_into(grad_scores, ks[j], grad_q[i], j > 0);
-      matmul_into(grad_scores.transpose(1, 2), qs[i], grad_k[j], i > j);
-      matmul_into(probabilities.transpose(1, 2), grads[i], grad_v[j], i > j);
+      matmul_into(grad_scores, ks[j], grad_q[i], j > 0, onednn);
+      matmul_into(grad_scores.transpose(1, 2), qs[i], grad_k[j], i > j, onednn);
+      matmul_into(probabilities.transpose(1, 2), grads[i], grad_v[j], i > j, onednn);
     }
   }
   const int64_t qk_dim = qs[0].size(2), v_dim = vs[0].size(2);
@@ -567,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   return {grad_q_out, grad_k_out, grad_v_out};
 }
 
-bool onednn_matmul_in_use() { return onednn_matmul_available(); }
+
 
 }  // namespace
 }  // namespace supertrain
@@ -577,11 +579,13 @@ TORCH_LIBRARY(supertrain_cpu, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block) -> (Tensor, Tensor[])");
+  // `onednn`: multiply through oneDNN (where onednn_matmul_available says it runs) or else ATen's bmm / mm.
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block, bool onednn) -> "
+        "(Tensor, Tensor[])");
   m.def("causal_attention_backward(Tensor grad_out, Tensor[] saved, Tensor? cos, Tensor? sin, int kv_heads, "
-        "int block) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_weight_grad(Tensor grad_out, Tensor x) -> Tensor");
-  m.def("onednn_matmul_in_use() -> bool", &supertrain::onednn_matmul_in_use);
+        "int block, bool onednn) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_weight_grad(Tensor grad_out, Tensor x, bool onednn) -> Tensor");
+  m.def("onednn_matmul_available() -> bool", &supertrain::onednn_matmul_available);
 }
 
 TORCH_LIBRARY_IMPL(supertrain_cpu, CPU, m) {

@@ -17,6 +17,16 @@ from train.config import load_config
 needs_kernels = pytest.mark.skipif(not cpu_native.load(), reason="the C++ kernels are not built on this machine")
 
 
+@pytest.fixture(params=["onednn", "aten"])
+def matmul_library(request, monkeypatch):
+    """The C++ kernels multiply through oneDNN where it runs, else through ATen's bmm/mm (CPUs without AVX-512):
+    both routes, whatever this CPU."""
+    if request.param == "onednn" and not cpu_native.onednn_matmul():
+        pytest.skip("oneDNN's batched matmul does not run on this CPU")
+    monkeypatch.setattr(cpu_native, "onednn_matmul", lambda: request.param == "onednn")
+    return request.param
+
+
 def values_and_grads(fn, inputs, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
@@ -154,7 +164,7 @@ def sdpa_reference(q, k, v):
         (1, 200, 2, 2, 8, 8, 48),  # a block that is not a power of two
     ],
 )
-def test_attention_matches_sdpa(batch, seq, heads, kv_heads, qk_dim, v_dim, block):
+def test_attention_matches_sdpa(batch, seq, heads, kv_heads, qk_dim, v_dim, block, matmul_library):
     generator = torch.Generator().manual_seed(seq)
     q = torch.randn(batch, seq, heads, qk_dim, generator=generator)
     k = torch.randn(batch, seq, kv_heads, qk_dim, generator=generator)
@@ -190,10 +200,10 @@ def test_attention_is_causal_and_repeatable():
 
 @needs_kernels
 @pytest.mark.parametrize("out_features, in_features", [(96, 32), (32, 96), (48, 48)])
-def test_weight_gradient_matches_a_float64_product(out_features, in_features):
+def test_weight_gradient_matches_a_float64_product(out_features, in_features, matmul_library):
     grad = torch.randn(3, 100, out_features)
     x = torch.randn(3, 100, in_features)
-    ours = torch.ops.supertrain_cpu.linear_weight_grad(grad, x)
+    ours = torch.ops.supertrain_cpu.linear_weight_grad(grad, x, cpu_native.onednn_matmul())
     reference = grad.reshape(-1, out_features).double().t() @ x.reshape(-1, in_features).double()
     assert ours.is_contiguous() and ours.shape == (out_features, in_features)
     torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-4)
@@ -251,7 +261,7 @@ def test_ops_entry_points_take_the_kernels_and_fall_back():
 
 @needs_kernels
 @pytest.mark.parametrize("seq, heads, kv_heads, dim", [(512, 4, 4, 32), (300, 4, 2, 24)])
-def test_attention_rotates_q_and_k_like_apply_rope(seq, heads, kv_heads, dim):
+def test_attention_rotates_q_and_k_like_apply_rope(seq, heads, kv_heads, dim, matmul_library):
     """The rotary embedding done inside the kernel's copies equals apply_rope before attention, gradients included."""
     from models.ops import apply_rope, rope_tables
 
