@@ -1,5 +1,8 @@
 """Causal attention for fp32 on CPU, in query blocks that skip the masked half of the score matrix.
 
+Where the C++ kernels are built (models/cpu_native.py) the same scheme runs there, fused and on oneDNN's matmuls;
+this Python version is the fallback, and the place where the range and the memory it keeps are defined.
+
 ATen's CPU flash-attention kernel works in small tiles and its backward recomputes the probabilities; on this
 project's CPU benchmark (head width 64) it ran at about 55 GFLOP/s of useful work against a matmul rate of ~190.
 Here each block of 128 queries is one batched matmul against the keys it may see (none after its own block), so
