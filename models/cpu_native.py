@@ -1,4 +1,5 @@
-"""Fused fp32 CPU kernels (models/csrc/cpu_kernels.cpp): RMSNorm, SwiGLU and block-causal attention.
+"""Fused fp32 CPU kernels (models/csrc/cpu_kernels.cpp): RMSNorm, SwiGLU, block-causal attention, and the linear
+weight gradient that models/cpu_linear.py takes from here.
 
 PyTorch runs RMSNorm as five passes over memory and SwiGLU as two, forward and again backward; the C++ kernels make
 each one pass. Attention moves the block-causal scheme of models/cpu_attention.py into one call whose batched
