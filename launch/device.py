@@ -191,11 +191,13 @@ def keep_freed_heap() -> bool:
     """Tell glibc's malloc to keep freed memory up to 32 MB blocks in the heap, as accelerator caching allocators
     do, instead of returning it to the OS.
 
-    By default glibc serves blocks above a moving threshold with fresh mmap pages and trims the heap's free top, so
-    a CPU training step that frees and reallocates its activations faults every page in again: on the trunk
-    benchmark, 14k-106k minor page faults and 0.05-0.16 s of system time in a 1.1 s step, none with these
-    settings. Blocks over 32 MB (glibc's cap for the threshold) still map and unmap. Left alone where the user tuned
-    malloc through its environment, and where the C library is not glibc. Returns whether it applied.
+    By default glibc serves blocks above a moving threshold with fresh mmap pages and trims the heap's free top
+    once it exceeds twice that threshold, so a CPU training step that frees and reallocates its activations faults
+    many of their pages in again, how many depending on the heap's layout: on the trunk benchmark's model 14k-106k
+    minor page faults and 0.05-0.16 s of system time in a 1.1 s step, about none with these settings (the step
+    2-3% shorter). Blocks over 32 MB (glibc's cap for the threshold) still map and unmap. The process keeps its
+    peak heap, as a caching allocator does. Left alone where the user tuned malloc through its environment, and
+    where the C library is not glibc. Returns whether it applied.
     """
     if any(name in os.environ for name in _MALLOC_VARIABLES):
         return False

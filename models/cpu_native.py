@@ -113,7 +113,9 @@ def onednn_matmul() -> bool:
 
 
 def description() -> str:
-    """What fp32 CPU work runs on, for the start-up log line."""
+    """What fp32 CPU work runs on, for the start-up log line; never starts a build itself."""
+    if NATIVE_EXPECTED and load.cache_info().currsize == 0:
+        return "C++ kernels not loaded yet"
     if not load():
         return "ATen ops"
     return f"fused {_CAPABILITY} kernels (attention matmuls on {'oneDNN' if onednn_matmul() else 'torch.bmm'})"
