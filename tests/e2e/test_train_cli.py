@@ -8,6 +8,7 @@ import time
 
 
 from conftest import FAST, REPO, clean_env, losses_by_step, read_metrics, run_train
+from models import cpu_native
 from train.checkpoint import COMMIT_MARKER, committed_checkpoints
 
 SECRET = "sentinel" + "0123456789abcdef" * 2
@@ -113,6 +114,18 @@ def test_missing_torch_npu_exits_with_one_line(tmp_path):
 def test_bad_cpu_linear_route_exits_with_one_line(tmp_path):
     line = _one_line_error([f"run.dir={tmp_path}"], env=clean_env(SUPERTRAIN_CPU_LINEAR="blas"))
     assert line == "supertrain: error: SUPERTRAIN_CPU_LINEAR='blas' is not a route: use one of auto, onednn, aten"
+
+
+def test_bad_cpu_kernel_route_exits_with_one_line(tmp_path):
+    line = _one_line_error([f"run.dir={tmp_path}"], env=clean_env(SUPERTRAIN_CPU_KERNELS="fast"))
+    assert line == "supertrain: error: SUPERTRAIN_CPU_KERNELS='fast' is not a route: use one of auto, native, aten"
+
+
+def test_start_up_line_names_the_cpu_kernels(tmp_path):
+    result = run_train([*FAST, "train.steps=1", f"run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    expected = "fused " if cpu_native.NATIVE_EXPECTED else "ATen ops"
+    assert f"Device(cpu, backend=gloo, fp32 ops: {expected}" in result.stderr
 
 
 def test_online_wandb_without_key_exits_with_one_line(tmp_path):
