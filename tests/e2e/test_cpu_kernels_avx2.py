@@ -13,7 +13,8 @@ from conftest import REPO, clean_env
 @pytest.mark.skipif(not cpu_native.NATIVE_EXPECTED, reason="no C++ kernels are built on this CPU")
 def test_avx2_build_matches_aten():
     env = clean_env(ATEN_CPU_CAPABILITY="avx2")
-    probe = subprocess.run([sys.executable, "-c", "from models import cpu_native; print(cpu_native.description())"],
+    probe = subprocess.run([sys.executable, "-c", "from models import cpu_native; cpu_native.load(); "
+                            "print(cpu_native.description())"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.startswith("fused AVX2 kernels"), probe.stdout
