@@ -2,15 +2,16 @@
 weight gradient that models/cpu_linear.py takes from here.
 
 PyTorch runs RMSNorm as five passes over memory and SwiGLU as two, forward and again backward; the C++ kernels make
-each one pass. Attention moves the block-causal scheme of models/cpu_attention.py into one call whose batched
-matmuls run on oneDNN, 2-2.5x faster than torch.bmm on AMD CPUs, where PyTorch's bmm goes to MKL at AVX2 speed
-(measured on the benchmark's shapes, docs/design_decisions.md). In fp32 the results match ATen's to rounding.
+each one pass. Attention moves the block-causal scheme of models/cpu_attention.py into one call that works head by
+head, so that each head's scores stay in cache between its products, and multiplies on oneDNN, 2-2.5x faster than
+ATen's BLAS on AMD CPUs, where PyTorch's mm and bmm go to MKL at AVX2 speed (measured on the benchmark's shapes,
+docs/design_decisions.md). In fp32 the results match ATen's to rounding.
 
 The extension is built with torch.utils.cpp_extension the first time a process on a machine needs it (about 25 s on
 2 cores; then cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR), for the vector width ATen itself
 chose on this CPU (AVX2 or AVX-512). It is used where that build exists: x86-64 hosts with AVX2 or AVX-512. Where
-oneDNN's batched matmul refuses the CPU (it needs AVX-512 or AVX-NE-CONVERT), the attention call keeps its fused
-passes and multiplies with torch.bmm. `SUPERTRAIN_CPU_KERNELS` chooses: `auto` (default: native where it builds,
+oneDNN's matmul refuses the CPU (it needs AVX-512 or AVX-NE-CONVERT), the attention call keeps its fused
+passes and multiplies with ATen's mm. `SUPERTRAIN_CPU_KERNELS` chooses: `auto` (default: native where it builds,
 else ATen with one warning), `native` (stop at start-up if it cannot be built), `aten` (never build).
 
 Taken only for plain fp32 CPU tensors outside autocast and outside torch.compile's tracing (Inductor fuses these
@@ -108,7 +109,7 @@ def _first_error_line(message: str) -> str:
 @functools.lru_cache(maxsize=None)
 def onednn_matmul() -> bool:
     """Whether the kernels multiply through oneDNN (it refuses CPUs without AVX-512 or AVX-NE-CONVERT; tried once
-    on a small product), else through ATen's bmm and mm."""
+    on a small product), else through ATen's mm."""
     return load() and bool(torch.ops.supertrain_cpu.onednn_matmul_available())
 
 
@@ -118,12 +119,12 @@ def description() -> str:
         return "C++ kernels not loaded yet"
     if not load():
         return "ATen ops"
-    return f"fused {_CAPABILITY} kernels (attention matmuls on {'oneDNN' if onednn_matmul() else 'torch.bmm'})"
+    return f"fused {_CAPABILITY} kernels (attention matmuls on {'oneDNN' if onednn_matmul() else 'ATen mm'})"
 
 
 def matmul_ops() -> tuple[Any, ...]:
     """The ops whose work is mostly matmuls, where the kernels are loaded (for the benchmark's replay): the weight
-    gradient, and the attention forward and backward (whose batched matmuls run inside them)."""
+    gradient, and the attention forward and backward (whose matmuls run inside them)."""
     if not load():
         return ()
     ops = torch.ops.supertrain_cpu
@@ -209,9 +210,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
 
     k and v may have fewer heads than q (grouped-query attention: q head h reads kv head h // (heads / kv_heads)),
     and v may be narrower than q and k. With `rope` = (cos, sin) tables (seq, qk_dim / 2), q and k are rotated first
-    (models.ops.apply_rope's convention) inside the copies the kernel makes anyway. Keeps per block the scaled q, k
-    and v expanded to every query head, the output and the probabilities against the key blocks at or before it, as
-    the Python kernel does. The gradients of q, k and v come back side by side in one tensor (see
+    (models.ops.apply_rope's convention) inside the copies the kernel makes anyway. Keeps per head the scaled q, the
+    output and the probabilities against the keys each query block sees (as the Python kernel does), and k and v per
+    kv head (a query head reads its kv head in place; the Python kernel keeps them expanded). The gradients of q, k and v come back side by side in one tensor (see
     models.cpu_linear.onednn_linear_group, which takes them so).
     """
     cos, sin = rope if rope is not None else (None, None)

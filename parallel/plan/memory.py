@@ -205,8 +205,12 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
             # Math attention: q, k, the seq-long softmax rows, a contiguous v and the output.
             act += h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim + shape.seq_len) / t
         return act, fp32
-    # q, k and v expanded to every query head (GQA repeats kv before SDPA), and the attention output.
-    act += 4 * h * cfg.head_dim / t
+    if blocked and _native_cpu(shape, software):
+        # The C++ kernel's copies: q per query head, k and v per kv head (read in place, not expanded), the output.
+        act += 2 * (h + cfg.n_kv_heads) * cfg.head_dim / t
+    else:
+        # q, k and v expanded to every query head (GQA repeats kv before SDPA), and the attention output.
+        act += 4 * h * cfg.head_dim / t
     if blocked:
         act += h * saved_probabilities_per_query(shape.seq_len) / t  # instead of a log-sum-exp
     else:
