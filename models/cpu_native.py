@@ -212,8 +212,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
     and v may be narrower than q and k. With `rope` = (cos, sin) tables (seq, qk_dim / 2), q and k are rotated first
     (models.ops.apply_rope's convention) inside the copies the kernel makes anyway. Keeps per head the scaled q, the
     output and the probabilities against the keys each query block sees (as the Python kernel does), and k and v per
-    kv head (a query head reads its kv head in place; the Python kernel keeps them expanded). The gradients of q, k and v come back side by side in one tensor (see
-    models.cpu_linear.onednn_linear_group, which takes them so).
+    kv head (a query head reads its kv head in place; the Python kernel keeps them expanded). The gradients of q, k
+    and v come back side by side in one tensor (see models.cpu_linear.onednn_linear_group, which takes them so).
     """
     cos, sin = rope if rope is not None else (None, None)
     return _CausalAttention.apply(q, k, v, block, cos, sin)

@@ -28,8 +28,9 @@
 namespace at::native {
 // Exported by libtorch_cpu (aten/src/ATen/native/mkldnn/Matmul.cpp) but absent from the installed headers:
 // result = alpha * mat1 @ mat2 + beta * result through oneDNN, for 2-D or 3-D operands that are contiguous or
-// transposed in their last two dimensions (others it copies first); about 17 us of set-up per call. fp32 stays fp32 unless the user asked oneDNN for reduced precision
-// (torch.backends.mkldnn.matmul.fp32_precision). It refuses CPUs without AVX-512 (or AVX-NE-CONVERT).
+// transposed in their last two dimensions (others it copies first); about 17 us of set-up per call. fp32 stays fp32
+// unless the user asked oneDNN for reduced precision (torch.backends.mkldnn.matmul.fp32_precision). It refuses CPUs
+// without AVX-512 (or AVX-NE-CONVERT).
 void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
 }  // namespace at::native
 
@@ -461,8 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                           const std::optional<at::Tensor>& sin,
                                                                           int64_t kv_heads, int64_t block,
                                                                           bool onednn) {
-  TORCH_CHECK(saved.size() == 5, "supertrain_cpu::causal_attention_backward: expected the 5 tensors forward saved, got ",
-              saved.size());
+  TORCH_CHECK(saved.size() == 5,
+              "supertrain_cpu::causal_attention_backward: expected the 5 tensors forward saved, got ", saved.size());
   const at::Tensor &qh = saved[0], &kh = saved[1], &vh = saved[2], &oh = saved[3], &probabilities = saved[4];
   const int64_t batch = grad_out.size(0), seq = grad_out.size(1), heads = grad_out.size(2);
   const Blocks blocks{seq, block};
