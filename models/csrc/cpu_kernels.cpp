@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -250,14 +249,16 @@ struct Blocks {
   int64_t count() const { return (seq + block - 1) / block; }
   int64_t start(int64_t i) const { return i * block; }
   int64_t end(int64_t i) const { return std::min(seq, (i + 1) * block); }
-  // Probabilities one head keeps: every block's (rows, keys it sees) matrix, one after the other.
-  int64_t probabilities() const {
+  // One head keeps every block's (rows, keys it sees) probabilities, one block after the other: where block i's
+  // begin, and (for i = count()) how many there are.
+  int64_t probabilities_before(int64_t i) const {
     int64_t total = 0;
-    for (int64_t i = 0; i < count(); ++i) {
-      total += (end(i) - start(i)) * end(i);
+    for (int64_t j = 0; j < i; ++j) {
+      total += (end(j) - start(j)) * end(j);
     }
     return total;
   }
+  int64_t probabilities() const { return probabilities_before(count()); }
 };
 
 // Rotary embedding of consecutive pairs at each position: y = x * c + swap_pairs(x) * s, with per pair c = (cos, cos)
@@ -435,14 +436,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = kv_head_of(head, heads, kv_heads);
       const auto qm = qh[head], km = kh[kv], vm = vh[kv], om = oh[head];
-      float* p = probabilities[head].mutable_data_ptr<float>();
+      float* head_p = probabilities[head].mutable_data_ptr<float>();
       for (int64_t i = 0; i < blocks.count(); ++i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
+        float* p = head_p + blocks.probabilities_before(i);
         const auto scores = at::from_blob(p, {rows, stop}, q.options());
         matmul_2d(qm.narrow(0, start, rows), km.narrow(0, 0, stop).t(), scores, false, onednn);
         causal_softmax_rows_(p, rows, stop, start);
         matmul_2d(scores, vm.narrow(0, 0, stop), om.narrow(0, start, rows), false, onednn);
-        p += rows * stop;
       }
     }
   });
@@ -493,11 +494,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       }
       // Last block first: it sees every key, so its products initialise the whole k and v gradients.
       const float* head_p = probabilities[head].const_data_ptr<float>();
-      int64_t offset = blocks.probabilities();
       for (int64_t i = blocks.count() - 1; i >= 0; --i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
-        offset -= rows * stop;
-        const float* pp = head_p + offset;
+        const float* pp = head_p + blocks.probabilities_before(i);
         const auto p = at::from_blob(const_cast<float*>(pp), {rows, stop}, qh.options());
         const auto grad_scores = scratch.narrow(0, 0, rows * stop).view({rows, stop});
         const auto g = gm.narrow(0, start, rows);

@@ -19,10 +19,10 @@ needs_kernels = pytest.mark.skipif(not cpu_native.load(), reason="the C++ kernel
 
 @pytest.fixture(params=["onednn", "aten"])
 def matmul_library(request, monkeypatch):
-    """The C++ kernels multiply through oneDNN where it runs, else through ATen's bmm/mm (CPUs without AVX-512):
-    both routes, whatever this CPU."""
+    """The C++ kernels multiply through oneDNN where it runs, else through ATen's mm (CPUs without AVX-512): both
+    routes, whatever this CPU."""
     if request.param == "onednn" and not cpu_native.onednn_matmul():
-        pytest.skip("oneDNN's batched matmul does not run on this CPU")
+        pytest.skip("oneDNN's matmul does not run on this CPU")
     monkeypatch.setattr(cpu_native, "onednn_matmul", lambda: request.param == "onednn")
     return request.param
 
