@@ -3,15 +3,16 @@ weight gradient that models/cpu_linear.py takes from here.
 
 PyTorch runs RMSNorm as five passes over memory and SwiGLU as two, forward and again backward; the C++ kernels make
 each one pass. Attention moves the block-causal scheme of models/cpu_attention.py into one call that works head by
-head, so that each head's scores stay in cache between its products, and multiplies on oneDNN, 2-2.5x faster than
-ATen's BLAS on AMD CPUs, where PyTorch's mm and bmm go to MKL at AVX2 speed (measured on the benchmark's shapes,
+head, so that each head's scores stay in cache between its products, and multiplies with its own register-tiled
+matmul, which has no per-call set-up: at these small shapes faster than oneDNN, itself 2-2.5x faster than ATen's BLAS
+on AMD CPUs, where PyTorch's mm and bmm go to MKL at AVX2 speed (measured on the benchmark's shapes,
 docs/design_decisions.md). In fp32 the results match ATen's to rounding.
 
 The extension is built with torch.utils.cpp_extension the first time a process on a machine needs it (about 25 s on
 2 cores; then cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR), for the vector width ATen itself
 chose on this CPU (AVX2 or AVX-512). It is used where that build exists: x86-64 hosts with AVX2 or AVX-512. Where
-oneDNN's matmul refuses the CPU (it needs AVX-512 or AVX-NE-CONVERT), the attention call keeps its fused
-passes and multiplies with ATen's mm. `SUPERTRAIN_CPU_KERNELS` chooses: `auto` (default: native where it builds,
+oneDNN's matmul refuses the CPU (it needs AVX-512 or AVX-NE-CONVERT), the weight gradient multiplies with ATen's
+mm. `SUPERTRAIN_CPU_KERNELS` chooses: `auto` (default: native where it builds,
 else ATen with one warning), `native` (stop at start-up if it cannot be built), `aten` (never build).
 
 Taken only for plain fp32 CPU tensors outside autocast and outside torch.compile's tracing (Inductor fuses these
@@ -108,8 +109,8 @@ def _first_error_line(message: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def onednn_matmul() -> bool:
-    """Whether the kernels multiply through oneDNN (it refuses CPUs without AVX-512 or AVX-NE-CONVERT; tried once
-    on a small product), else through ATen's mm."""
+    """Whether the weight gradient multiplies through oneDNN (it refuses CPUs without AVX-512 or AVX-NE-CONVERT;
+    tried once on a small product), else through ATen's mm."""
     return load() and bool(torch.ops.supertrain_cpu.onednn_matmul_available())
 
 
@@ -119,7 +120,7 @@ def description() -> str:
         return "C++ kernels not loaded yet"
     if not load():
         return "ATen ops"
-    return f"fused {_CAPABILITY} kernels (attention matmuls on {'oneDNN' if onednn_matmul() else 'ATen mm'})"
+    return f"fused {_CAPABILITY} kernels (weight gradients on {'oneDNN' if onednn_matmul() else 'ATen mm'})"
 
 
 def matmul_ops() -> tuple[Any, ...]:
@@ -191,16 +192,14 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,  # type: ignore[override]
                 cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
-        onednn = onednn_matmul()
-        out, saved = _ops().causal_attention(q, k, v, cos, sin, block, onednn)
+        out, saved = _ops().causal_attention(q, k, v, cos, sin, block)
         ctx.save_for_backward(*saved)
-        ctx.kv_heads, ctx.block, ctx.rope, ctx.onednn = k.shape[2], block, (cos, sin), onednn
+        ctx.kv_heads, ctx.block, ctx.rope = k.shape[2], block, (cos, sin)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.block,
-                                                 ctx.onednn)
+        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.block)
         return (*grads, None, None, None)
 
 

@@ -6,8 +6,9 @@
 // the block-causal scheme of models/cpu_attention.py done in one call: queries in blocks of `block` rows, each
 // multiplied only by the keys at or before its last row, with the rotary embedding and layout changes fused into one
 // copy per operand, and each head a task of its own, so that its scores go from the product that makes them through
-// the masked softmax into the next product while still in the core's cache. The matmuls run on oneDNN, 2-2.5x faster
-// than ATen's BLAS (MKL, AVX2 code on AMD CPUs) at these shapes. Built on first use by models/cpu_native.py; the
+// the masked softmax into the next product while still in the core's cache. Its matmuls run in this file
+// (`cache_matmul`): register tiles with no per-call set-up, faster at these small shapes than oneDNN (which the weight
+// gradient uses) or ATen's BLAS (MKL, AVX2 code on AMD CPUs). Built on first use by models/cpu_native.py; the
 // Python wrappers there and in models/cpu_linear.py own autograd. Every kernel is deterministic for a given thread
 // count and reduces in a fixed order.
 
@@ -64,24 +65,187 @@ bool onednn_matmul_available() {
   return available;
 }
 
-// (rows, cols) -> contiguous (cols, rows), in tiles that stay in cache, each 16 x 16 piece transposed in registers.
+// dst (cols, rows, row stride ld_dst) = src (rows, cols, row stride ld_src) transposed, on the calling thread, in
+// tiles that stay in cache, each 16 x 16 piece transposed in registers.
+constexpr int64_t kTransposeTile = 64;
+
+void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; r += kTransposeTile) {
+    for (int64_t c = 0; c < cols; c += kTransposeTile) {
+      at::vec::transpose_mxn<float>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst,
+                                    static_cast<int>(std::min(kTransposeTile, rows - r)),
+                                    static_cast<int>(std::min(kTransposeTile, cols - c)));
+    }
+  }
+}
+
+// (rows, cols) -> contiguous (cols, rows), bands of rows in parallel.
 at::Tensor transpose_copy(const at::Tensor& matrix) {
   const auto src = matrix.contiguous();
   const int64_t rows = src.size(0), cols = src.size(1);
   auto out = at::empty({cols, rows}, src.options());
   const float* ps = src.const_data_ptr<float>();
   float* po = out.mutable_data_ptr<float>();
-  constexpr int64_t kTile = 64;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
-  at::parallel_for(0, row_tiles * col_tiles, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t r = tile / col_tiles * kTile, c = tile % col_tiles * kTile;
-      at::vec::transpose_mxn<float>(ps + r * cols + c, cols, po + c * rows + r, rows,
-                                    static_cast<int>(std::min(kTile, rows - r)),
-                                    static_cast<int>(std::min(kTile, cols - c)));
+  const int64_t bands = (rows + kTransposeTile - 1) / kTransposeTile;
+  at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t band = begin; band < end; ++band) {
+      const int64_t r = band * kTransposeTile;
+      transpose_into(ps + r * cols, std::min(kTransposeTile, rows - r), cols, cols, po + r, rows);
     }
   });
   return out;
+}
+
+// ---- matmuls on data in cache -----------------------------------------------------------------------------------
+
+// Attention multiplies blocks of at most a few hundred rows and columns, a few dozen microseconds each, whose
+// operands are in the core's cache. oneDNN sets up every call (~10 us; on one core at 128 x 128 x 128 it ran at ~145
+// GFLOP/s where this kernel runs at ~240, and at 128 x 512 x 128 ~205 against ~245); this one has none: a register
+// tile of kTileRows rows x two vectors of columns, accumulated over the whole inner dimension by broadcasting one
+// element of `a` per row against one row of `b`. Sums run in order of k, so results do not depend on the thread
+// count.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 12;  // 24 accumulators of the 32 vector registers
+#else
+constexpr int kTileRows = 6;  // 12 accumulators of the 16
+#endif
+constexpr int kTileVecs = 2;
+constexpr int64_t kPanel = kTileVecs * kVec;  // columns of a tile
+
+// A matrix read in place: element (i, k) at data[i * row_stride + k * col_stride], so a transposed view is free.
+struct Operand {
+  const float* data;
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// The right operand: column j of row k at data[(j / kPanel) * panel_stride + k * row_stride + j % kPanel]. A
+// row-major matrix is the case panel_stride = kPanel; `pack_rows` and `pack_columns` lay one out as contiguous
+// panels of kPanel columns (panel_stride = rows * kPanel), which a tile then reads front to back (with heads of 64
+// the attention backward took ~8% less time than reading rows 256 bytes apart; with heads of 128 the same).
+struct Panels {
+  const float* data;
+  int64_t row_stride;
+  int64_t panel_stride;
+  const float* column(int64_t j) const { return data + j / kPanel * panel_stride + j % kPanel; }
+  Panels from_row(int64_t k) const { return {data + k * row_stride, row_stride, panel_stride}; }
+};
+
+// Floats that pack_rows or pack_columns writes for a (rows, cols) matrix.
+int64_t packed_size(int64_t rows, int64_t cols) { return (cols + kPanel - 1) / kPanel * kPanel * rows; }
+
+Panels row_major(const float* data, int64_t row_stride) { return {data, row_stride, kPanel}; }
+
+// src (rows, cols; row stride ld) as panels of kPanel columns: dst[(j / kPanel) * rows * kPanel + r * kPanel + j %
+// kPanel]; a last, narrower panel is padded with zeros.
+Panels pack_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t j = 0; j < cols; j += kPanel) {
+    const int64_t width = std::min(kPanel, cols - j);
+    float* panel = dst + j * rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(src + r * ld + j, src + r * ld + j + width, panel + r * kPanel);
+      std::fill(panel + r * kPanel + width, panel + (r + 1) * kPanel, 0.0f);
+    }
+  }
+  return {dst, kPanel, rows * kPanel};
+}
+
+// The transpose of src (cols, rows; row stride ld), that is a (rows, cols) matrix, as panels (see pack_rows).
+Panels pack_columns(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t j = 0; j < cols; j += kPanel) {
+    const int64_t width = std::min(kPanel, cols - j);
+    float* panel = dst + j * rows;
+    if (width < kPanel) {
+      std::fill(panel, panel + rows * kPanel, 0.0f);
+    }
+    for (int64_t r = 0; r < rows; r += kTransposeTile) {
+      at::vec::transpose_mxn<float>(src + j * ld + r, ld, panel + r * kPanel, kPanel, static_cast<int>(width),
+                                    static_cast<int>(std::min(kTransposeTile, rows - r)));
+    }
+  }
+  return {dst, kPanel, rows * kPanel};
+}
+
+// c[0:Rows, 0:Vecs vectors] (+)= a[0:Rows, 0:depth] @ b[0:depth, same columns]; with Partial, the single vector of
+// columns holds only `count` of them.
+template <int Rows, int Vecs, bool Partial>
+void matmul_tile(Operand a, const float* b, int64_t b_row_stride, float* c, int64_t c_row_stride, int64_t depth,
+                 bool accumulate, int64_t count) {
+  static_assert(!Partial || Vecs == 1, "only a single vector of columns can be partial");
+  const auto load = [count](const float* from) { return Partial ? Vec::loadu(from, count) : Vec::loadu(from); };
+  Vec sums[Rows][Vecs];
+  for (int i = 0; i < Rows; ++i) {
+    for (int v = 0; v < Vecs; ++v) {
+      sums[i][v] = accumulate ? load(c + i * c_row_stride + v * kVec) : Vec(0.0f);
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec row[Vecs];
+    for (int v = 0; v < Vecs; ++v) {
+      row[v] = load(b + k * b_row_stride + v * kVec);
+    }
+    const float* column = a.data + k * a.col_stride;
+    for (int i = 0; i < Rows; ++i) {
+      const Vec element(column[i * a.row_stride]);
+      for (int v = 0; v < Vecs; ++v) {
+        sums[i][v] = at::vec::fmadd(element, row[v], sums[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < Rows; ++i) {
+    for (int v = 0; v < Vecs; ++v) {
+      if (Partial) {
+        sums[i][v].store(c + i * c_row_stride + v * kVec, static_cast<int>(count));
+      } else {
+        sums[i][v].store(c + i * c_row_stride + v * kVec);
+      }
+    }
+  }
+}
+
+template <int Vecs, bool Partial>
+void matmul_tile_rows(int rows, Operand a, const float* b, int64_t b_row_stride, float* c, int64_t c_row_stride,
+                      int64_t depth, bool accumulate, int64_t count) {
+  switch (rows) {
+#define SUPERTRAIN_TILE(n)                                                                            \
+  case n:                                                                                             \
+    return matmul_tile<n, Vecs, Partial>(a, b, b_row_stride, c, c_row_stride, depth, accumulate, count);
+    SUPERTRAIN_TILE(1) SUPERTRAIN_TILE(2) SUPERTRAIN_TILE(3) SUPERTRAIN_TILE(4) SUPERTRAIN_TILE(5) SUPERTRAIN_TILE(6)
+#if defined(CPU_CAPABILITY_AVX512)
+    SUPERTRAIN_TILE(7) SUPERTRAIN_TILE(8) SUPERTRAIN_TILE(9) SUPERTRAIN_TILE(10) SUPERTRAIN_TILE(11)
+    SUPERTRAIN_TILE(12)
+#endif
+#undef SUPERTRAIN_TILE
+    default:
+      TORCH_CHECK(false, "supertrain_cpu: a matmul tile of ", rows, " rows");
+  }
+}
+
+// c (m, n; row stride c_row_stride) = a (m, depth) @ b (depth, n), or c += that with `accumulate`, on the calling
+// thread.
+void cache_matmul(int64_t m, int64_t n, int64_t depth, Operand a, Panels b, float* c, int64_t c_row_stride,
+                  bool accumulate) {
+  for (int64_t j = 0; j < n; j += kPanel) {
+    const float* bj = b.column(j);
+    for (int64_t i = 0; i < m; i += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i));
+      const Operand ai{a.data + i * a.row_stride, a.row_stride, a.col_stride};
+      float* cij = c + i * c_row_stride + j;
+      if (j + kPanel <= n) {
+        matmul_tile_rows<kTileVecs, false>(rows, ai, bj, b.row_stride, cij, c_row_stride, depth, accumulate, kVec);
+        continue;
+      }
+      int64_t column = j;  // a last, narrower panel: whole vectors, then the rest
+      for (; column + kVec <= n; column += kVec) {
+        matmul_tile_rows<1, false>(rows, ai, bj + (column - j), b.row_stride, cij + (column - j), c_row_stride,
+                                   depth, accumulate, kVec);
+      }
+      if (column < n) {
+        matmul_tile_rows<1, true>(rows, ai, bj + (column - j), b.row_stride, cij + (column - j), c_row_stride,
+                                  depth, accumulate, n - column);
+      }
+    }
+  }
 }
 
 // The weight gradient of y = x w^T: g^T x for g (tokens, out) and x (tokens, in), inner dimension = tokens. oneDNN
@@ -367,19 +531,6 @@ void from_heads_into(const at::Tensor& out, const at::Tensor& heads, float scale
   });
 }
 
-// out = a @ b, or out += a @ b, for 2-D operands on the calling thread (the callers run one head per thread, and
-// both oneDNN and ATen's BLAS run single-threaded inside a parallel region). Operands are contiguous or transposed
-// views of contiguous matrices, out is contiguous: the layouts oneDNN takes without a copy.
-void matmul_2d(const at::Tensor& a, const at::Tensor& b, at::Tensor out, bool accumulate, bool onednn) {
-  if (onednn) {
-    at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
-  } else if (accumulate) {
-    out.addmm_(a, b);
-  } else {
-    at::mm_out(out, a, b);
-  }
-}
-
 // In place, scores -> probabilities for rows [start, start + rows) of one head: row r sees keys 0..start + r, the
 // later ones get probability 0. `scores` is (rows, keys) contiguous.
 void causal_softmax_rows_(float* scores, int64_t rows, int64_t keys, int64_t start) {
@@ -413,7 +564,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& cos,
                                                                  const std::optional<at::Tensor>& sin,
-                                                                 int64_t block, bool onednn) {
+                                                                 int64_t block) {
   for (const auto& [t, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}}) {
     check_fp32_cpu(t, name);
     TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "supertrain_cpu::causal_attention: ", name,
@@ -430,24 +581,36 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   const auto qh = to_heads(q, scale, rotation);
   const auto kh = to_heads(k, 1.0f, rotation);
   const auto vh = to_heads(v, 1.0f);
-  auto oh = at::empty({batch * heads, seq, v.size(3)}, q.options());
+  const int64_t qk_dim = q.size(3), v_dim = v.size(3);
+  auto oh = at::empty({batch * heads, seq, v_dim}, q.options());
   auto probabilities = at::empty({batch * heads, blocks.probabilities()}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    // This task's kv head as the right operands of q k^T (k transposed) and P v, in panels (see Panels).
+    auto packed = at::empty({packed_size(qk_dim, seq) + packed_size(seq, v_dim)}, q.options());
+    float* keys_buffer = packed.mutable_data_ptr<float>();
+    float* values_buffer = keys_buffer + packed_size(qk_dim, seq);
+    Panels keys{}, values{};
+    int64_t packed_kv = -1;
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = kv_head_of(head, heads, kv_heads);
-      const auto qm = qh[head], km = kh[kv], vm = vh[kv], om = oh[head];
-      float* head_p = probabilities[head].mutable_data_ptr<float>();
+      if (kv != packed_kv) {  // query heads that share a kv head are consecutive
+        keys = pack_columns(kh.const_data_ptr<float>() + kv * seq * qk_dim, qk_dim, seq, qk_dim, keys_buffer);
+        values = pack_rows(vh.const_data_ptr<float>() + kv * seq * v_dim, seq, v_dim, v_dim, values_buffer);
+        packed_kv = kv;
+      }
+      const float* qm = qh.const_data_ptr<float>() + head * seq * qk_dim;
+      float* om = oh.mutable_data_ptr<float>() + head * seq * v_dim;
+      float* head_p = probabilities.mutable_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = 0; i < blocks.count(); ++i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
         float* p = head_p + blocks.probabilities_before(i);
-        const auto scores = at::from_blob(p, {rows, stop}, q.options());
-        matmul_2d(qm.narrow(0, start, rows), km.narrow(0, 0, stop).t(), scores, false, onednn);
+        cache_matmul(rows, stop, qk_dim, {qm + start * qk_dim, qk_dim, 1}, keys, p, stop, false);
         causal_softmax_rows_(p, rows, stop, start);
-        matmul_2d(scores, vm.narrow(0, 0, stop), om.narrow(0, start, rows), false, onednn);
+        cache_matmul(rows, v_dim, stop, {p, stop, 1}, values, om + start * v_dim, v_dim, false);
       }
     }
   });
-  auto out = at::empty({batch, seq, heads, v.size(3)}, q.options());
+  auto out = at::empty({batch, seq, heads, v_dim}, q.options());
   from_heads_into(out, oh, 1.0f);
   return {out, {qh, kh, vh, oh, probabilities}};
 }
@@ -461,8 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                           at::TensorList saved,
                                                                           const std::optional<at::Tensor>& cos,
                                                                           const std::optional<at::Tensor>& sin,
-                                                                          int64_t kv_heads, int64_t block,
-                                                                          bool onednn) {
+                                                                          int64_t kv_heads, int64_t block) {
   TORCH_CHECK(saved.size() == 5,
               "supertrain_cpu::causal_attention_backward: expected the 5 tensors forward saved, got ", saved.size());
   const at::Tensor &qh = saved[0], &kh = saved[1], &vh = saved[2], &oh = saved[3], &probabilities = saved[4];
@@ -470,6 +632,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   const Blocks blocks{seq, block};
   TORCH_CHECK(probabilities.size(1) == blocks.probabilities() && qh.size(0) == batch * heads,
               "supertrain_cpu::causal_attention_backward: saved tensors do not match this gradient");
+  for (const auto& t : saved) {  // heads are found by offset
+    TORCH_CHECK(t.is_contiguous(), "supertrain_cpu::causal_attention_backward: saved tensors must be contiguous");
+  }
   const int64_t qk_dim = qh.size(2), v_dim = vh.size(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk_dim));
   const Rotation rotation = make_rotation(cos, sin, seq, qk_dim);
@@ -479,38 +644,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   auto grad_vh = at::empty({batch * heads, seq, v_dim}, qh.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     auto scratch = at::empty({blocks.block * seq}, qh.options());
+    // Right operands in panels (see Panels): this task's kv head (v transposed for dO v^T, k for dS k) and head (q
+    // for dS^T q, dO for P^T dO).
+    const int64_t kv_size = packed_size(v_dim, seq) + packed_size(seq, qk_dim);
+    auto packed = at::empty({kv_size + packed_size(seq, qk_dim) + packed_size(seq, v_dim)}, qh.options());
+    float* values_buffer = packed.mutable_data_ptr<float>();
+    float* keys_buffer = values_buffer + packed_size(v_dim, seq);
+    float* queries_buffer = values_buffer + kv_size;
+    float* grads_buffer = queries_buffer + packed_size(seq, qk_dim);
+    float* ds = scratch.mutable_data_ptr<float>();
+    Panels values{}, keys{};
+    int64_t packed_kv = -1;
     std::vector<float> row_terms(seq);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = kv_head_of(head, heads, kv_heads);
-      const auto qm = qh[head], km = kh[kv], vm = vh[kv], gm = gh[head];
-      auto dq = grad_qh[head], dk = grad_kh[head], dv = grad_vh[head];
+      if (kv != packed_kv) {
+        values = pack_columns(vh.const_data_ptr<float>() + kv * seq * v_dim, v_dim, seq, v_dim, values_buffer);
+        keys = pack_rows(kh.const_data_ptr<float>() + kv * seq * qk_dim, seq, qk_dim, qk_dim, keys_buffer);
+        packed_kv = kv;
+      }
+      const float* pg = gh.const_data_ptr<float>() + head * seq * v_dim;
+      const Panels queries =
+          pack_rows(qh.const_data_ptr<float>() + head * seq * qk_dim, seq, qk_dim, qk_dim, queries_buffer);
+      const Panels grads = pack_rows(pg, seq, v_dim, v_dim, grads_buffer);
+      float* dq = grad_qh.mutable_data_ptr<float>() + head * seq * qk_dim;
+      float* dk = grad_kh.mutable_data_ptr<float>() + head * seq * qk_dim;
+      float* dv = grad_vh.mutable_data_ptr<float>() + head * seq * v_dim;
       // softmax backward: dS = P * (dP - sum(dO * O)) per row.
-      const float* pg = gm.const_data_ptr<float>();
-      const float* po = oh[head].const_data_ptr<float>();
+      const float* po = oh.const_data_ptr<float>() + head * seq * v_dim;
       for (int64_t s = 0; s < seq; ++s) {
         row_terms[s] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                        [](Vec a, Vec b) { return a + b; }, pg + s * v_dim,
                                                        po + s * v_dim, v_dim);
       }
       // Last block first: it sees every key, so its products initialise the whole k and v gradients.
-      const float* head_p = probabilities[head].const_data_ptr<float>();
+      const float* head_p = probabilities.const_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = blocks.count() - 1; i >= 0; --i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
         const float* pp = head_p + blocks.probabilities_before(i);
-        const auto p = at::from_blob(const_cast<float*>(pp), {rows, stop}, qh.options());
-        const auto grad_scores = scratch.narrow(0, 0, rows * stop).view({rows, stop});
-        const auto g = gm.narrow(0, start, rows);
+        const float* g = pg + start * v_dim;
         const bool later = i + 1 < blocks.count();
-        matmul_2d(g, vm.narrow(0, 0, stop).t(), grad_scores, false, onednn);
-        float* ds = grad_scores.mutable_data_ptr<float>();
+        cache_matmul(rows, stop, v_dim, {g, v_dim, 1}, values, ds, stop, false);
         for (int64_t r = 0; r < rows; ++r) {
           const float term = row_terms[start + r];
           at::vec::map2<float>([term](Vec d, Vec prob) { return prob * (d - Vec(term)); }, ds + r * stop,
                                ds + r * stop, pp + r * stop, stop);
         }
-        matmul_2d(grad_scores, km.narrow(0, 0, stop), dq.narrow(0, start, rows), false, onednn);
-        matmul_2d(grad_scores.t(), qm.narrow(0, start, rows), dk.narrow(0, 0, stop), later, onednn);
-        matmul_2d(p.t(), g, dv.narrow(0, 0, stop), later, onednn);
+        cache_matmul(rows, qk_dim, stop, {ds, stop, 1}, keys, dq + start * qk_dim, qk_dim, false);
+        // dS^T q and P^T dO: the transposed left operands are read in place.
+        cache_matmul(stop, qk_dim, rows, {ds, 1, stop}, queries.from_row(start), dk, qk_dim, later);
+        cache_matmul(stop, v_dim, rows, {pp, 1, stop}, grads.from_row(start), dv, v_dim, later);
       }
     }
   });
@@ -533,11 +716,11 @@ TORCH_LIBRARY(supertrain_cpu, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
-  // `onednn`: multiply through oneDNN (where onednn_matmul_available says it runs) or else ATen's mm.
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block, bool onednn) -> "
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block) -> "
         "(Tensor, Tensor[])");
   m.def("causal_attention_backward(Tensor grad_out, Tensor[] saved, Tensor? cos, Tensor? sin, int kv_heads, "
-        "int block, bool onednn) -> (Tensor, Tensor, Tensor)");
+        "int block) -> (Tensor, Tensor, Tensor)");
+  // `onednn`: multiply through oneDNN (where onednn_matmul_available says it runs) or else ATen's mm.
   m.def("linear_weight_grad(Tensor grad_out, Tensor x, bool onednn) -> Tensor");
   m.def("onednn_matmul_available() -> bool", &supertrain::onednn_matmul_available);
 }

@@ -19,8 +19,8 @@ needs_kernels = pytest.mark.skipif(not cpu_native.load(), reason="the C++ kernel
 
 @pytest.fixture(params=["onednn", "aten"])
 def matmul_library(request, monkeypatch):
-    """The C++ kernels multiply through oneDNN where it runs, else through ATen's mm (CPUs without AVX-512): both
-    routes, whatever this CPU."""
+    """The weight gradient multiplies through oneDNN where it runs, else through ATen's mm (CPUs without AVX-512):
+    both routes, whatever this CPU."""
     if request.param == "onednn" and not cpu_native.onednn_matmul():
         pytest.skip("oneDNN's matmul does not run on this CPU")
     monkeypatch.setattr(cpu_native, "onednn_matmul", lambda: request.param == "onednn")
@@ -162,9 +162,11 @@ def sdpa_reference(q, k, v):
         (2, 130, 4, 2, 24, 16, 128),  # grouped-query heads, value narrower than query/key (MLA)
         (1, 64, 2, 1, 8, 8, 128),  # shorter than one block
         (1, 200, 2, 2, 8, 8, 48),  # a block that is not a power of two
+        (1, 256, 4, 2, 128, 128, 128),  # Llama's head width: whole register tiles, kv heads packed once per pair
+        (1, 160, 2, 2, 40, 56, 64),  # widths with a partial vector of columns after whole ones
     ],
 )
-def test_attention_matches_sdpa(batch, seq, heads, kv_heads, qk_dim, v_dim, block, matmul_library):
+def test_attention_matches_sdpa(batch, seq, heads, kv_heads, qk_dim, v_dim, block):
     generator = torch.Generator().manual_seed(seq)
     q = torch.randn(batch, seq, heads, qk_dim, generator=generator)
     k = torch.randn(batch, seq, kv_heads, qk_dim, generator=generator)
@@ -261,7 +263,7 @@ def test_ops_entry_points_take_the_kernels_and_fall_back():
 
 @needs_kernels
 @pytest.mark.parametrize("seq, heads, kv_heads, dim", [(512, 4, 4, 32), (300, 4, 2, 24)])
-def test_attention_rotates_q_and_k_like_apply_rope(seq, heads, kv_heads, dim, matmul_library):
+def test_attention_rotates_q_and_k_like_apply_rope(seq, heads, kv_heads, dim):
     """The rotary embedding done inside the kernel's copies equals apply_rope before attention, gradients included."""
     from models.ops import apply_rope, rope_tables
 
