@@ -531,6 +531,21 @@ void from_heads_into(const at::Tensor& out, const at::Tensor& heads, float scale
   });
 }
 
+// One head's rows (seq, dim), contiguous, into a (batch, seq, heads, dim) tensor whose rows lie `row_stride` apart,
+// times `scale`, then rotated back (if `rotation` is active): from_heads_into for one head, from its task.
+void head_rows_into(float* to, int64_t row_stride, const float* from, int64_t seq, int64_t dim, float scale,
+                    const Rotation& rotation) {
+  const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
+  const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
+  for (int64_t s = 0; s < seq; ++s) {
+    if (pc != nullptr) {
+      rotate_row(to + s * row_stride, from + s * dim, pc + s * dim, ps + s * dim, dim, -1.0f, scale);
+    } else {
+      at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to + s * row_stride, from + s * dim, dim);
+    }
+  }
+}
+
 // In place, scores -> probabilities for rows [start, start + rows) of one head: row r sees keys 0..start + r, the
 // later ones get probability 0. `scores` is (rows, keys) contiguous.
 void causal_softmax_rows_(float* scores, int64_t rows, int64_t keys, int64_t start) {
@@ -557,9 +572,10 @@ int64_t kv_head_of(int64_t head, int64_t heads, int64_t kv_heads) {
 // probabilities stay in the core's cache from the product that makes them to the one that reads them; the batched
 // form (all heads per product, one product per block pair) ran its matmuls at ~60% of the rate they reach on data
 // in cache. With cos and sin (seq, dim / 2), q and k are first rotated (rotary embedding of consecutive pairs),
-// inside the copies the kernel makes anyway. Saved for backward, in this order: q (rotated, scaled), k (rotated) and
-// v per head (kv heads are not expanded: a query head reads its kv head in place), the output per head, and the
-// probabilities of each head (see Blocks::probabilities).
+// inside the copies the kernel makes anyway. Returned for backward, in this order: q (rotated, scaled), k (rotated)
+// and v per head (kv heads are not expanded: a query head reads its kv head in place) and the probabilities of each
+// head (see Blocks::probabilities); backward also takes the output, which the caller keeps (the next projection
+// keeps it anyway).
 std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& cos,
@@ -582,6 +598,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   const auto kh = to_heads(k, 1.0f, rotation);
   const auto vh = to_heads(v, 1.0f);
   const int64_t qk_dim = q.size(3), v_dim = v.size(3);
+  // Each head's output rows go to a per-head layout first and are laid out as (batch, seq, heads, v_dim) in one
+  // pass at the end: written in place from each task, the forward took 40% longer with heads of 64.
   auto oh = at::empty({batch * heads, seq, v_dim}, q.options());
   auto probabilities = at::empty({batch * heads, blocks.probabilities()}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
@@ -612,7 +630,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   });
   auto out = at::empty({batch, seq, heads, v_dim}, q.options());
   from_heads_into(out, oh, 1.0f);
-  return {out, {qh, kh, vh, oh, probabilities}};
+  return {out, {qh, kh, vh, probabilities}};
 }
 
 // Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them), as views of one
@@ -626,8 +644,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                           const std::optional<at::Tensor>& sin,
                                                                           int64_t kv_heads, int64_t block) {
   TORCH_CHECK(saved.size() == 5,
-              "supertrain_cpu::causal_attention_backward: expected the 5 tensors forward saved, got ", saved.size());
-  const at::Tensor &qh = saved[0], &kh = saved[1], &vh = saved[2], &oh = saved[3], &probabilities = saved[4];
+              "supertrain_cpu::causal_attention_backward: expected q, k, v, the output and the probabilities, got ",
+              saved.size(), " tensors");
+  const at::Tensor &qh = saved[0], &kh = saved[1], &vh = saved[2], &out = saved[3], &probabilities = saved[4];
   const int64_t batch = grad_out.size(0), seq = grad_out.size(1), heads = grad_out.size(2);
   const Blocks blocks{seq, block};
   TORCH_CHECK(probabilities.size(1) == blocks.probabilities() && qh.size(0) == batch * heads,
@@ -639,11 +658,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk_dim));
   const Rotation rotation = make_rotation(cos, sin, seq, qk_dim);
   const auto gh = to_heads(grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous(), 1.0f);
-  auto grad_qh = at::empty_like(qh);
-  auto grad_kh = at::empty({batch * heads, seq, qk_dim}, qh.options());
-  auto grad_vh = at::empty({batch * heads, seq, v_dim}, qh.options());
+  const int64_t q_width = heads * qk_dim, k_width = kv_heads * qk_dim, v_width = kv_heads * v_dim;
+  const int64_t width = q_width + k_width + v_width;
+  auto grad_qkv = at::empty({batch, seq, width}, grad_out.options());
+  // A head writes its q gradient, and (without shared kv heads) its k and v gradients, into grad_qkv from its own
+  // task while they are in cache. Query heads that share a kv head keep theirs apart, summed in a final pass, so
+  // that no two tasks write the same memory.
+  const bool shared_kv = heads != kv_heads;
+  at::Tensor grad_kh, grad_vh;
+  if (shared_kv) {
+    grad_kh = at::empty({batch * heads, seq, qk_dim}, qh.options());
+    grad_vh = at::empty({batch * heads, seq, v_dim}, qh.options());
+  }
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    auto scratch = at::empty({blocks.block * seq}, qh.options());
+    auto scratch = at::empty({blocks.block * seq + seq * qk_dim + (shared_kv ? 0 : seq * (qk_dim + v_dim))},
+                             qh.options());
     // Right operands in panels (see Panels): this task's kv head (v transposed for dO v^T, k for dS k) and head (q
     // for dS^T q, dO for P^T dO).
     const int64_t kv_size = packed_size(v_dim, seq) + packed_size(seq, qk_dim);
@@ -653,6 +682,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
     float* queries_buffer = values_buffer + kv_size;
     float* grads_buffer = queries_buffer + packed_size(seq, qk_dim);
     float* ds = scratch.mutable_data_ptr<float>();
+    float* dq = ds + blocks.block * seq;
+    float* own_dk = dq + seq * qk_dim;
+    float* own_dv = own_dk + seq * qk_dim;
     Panels values{}, keys{};
     int64_t packed_kv = -1;
     std::vector<float> row_terms(seq);
@@ -667,15 +699,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       const Panels queries =
           pack_rows(qh.const_data_ptr<float>() + head * seq * qk_dim, seq, qk_dim, qk_dim, queries_buffer);
       const Panels grads = pack_rows(pg, seq, v_dim, v_dim, grads_buffer);
-      float* dq = grad_qh.mutable_data_ptr<float>() + head * seq * qk_dim;
-      float* dk = grad_kh.mutable_data_ptr<float>() + head * seq * qk_dim;
-      float* dv = grad_vh.mutable_data_ptr<float>() + head * seq * v_dim;
+      float* dk = shared_kv ? grad_kh.mutable_data_ptr<float>() + head * seq * qk_dim : own_dk;
+      float* dv = shared_kv ? grad_vh.mutable_data_ptr<float>() + head * seq * v_dim : own_dv;
       // softmax backward: dS = P * (dP - sum(dO * O)) per row.
-      const float* po = oh.const_data_ptr<float>() + head * seq * v_dim;
+      const float* po = out.const_data_ptr<float>() + (head / heads * seq * heads + head % heads) * v_dim;
       for (int64_t s = 0; s < seq; ++s) {
         row_terms[s] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                        [](Vec a, Vec b) { return a + b; }, pg + s * v_dim,
-                                                       po + s * v_dim, v_dim);
+                                                       po + s * heads * v_dim, v_dim);
       }
       // Last block first: it sees every key, so its products initialise the whole k and v gradients.
       const float* head_p = probabilities.const_data_ptr<float>() + head * blocks.probabilities();
@@ -695,16 +726,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
         cache_matmul(stop, qk_dim, rows, {ds, 1, stop}, queries.from_row(start), dk, qk_dim, later);
         cache_matmul(stop, v_dim, rows, {pp, 1, stop}, grads.from_row(start), dv, v_dim, later);
       }
+      float* rows_out = grad_qkv.mutable_data_ptr<float>() + head / heads * seq * width;
+      head_rows_into(rows_out + head % heads * qk_dim, width, dq, seq, qk_dim, scale, rotation);
+      if (!shared_kv) {
+        head_rows_into(rows_out + q_width + head % heads * qk_dim, width, dk, seq, qk_dim, 1.0f, rotation);
+        head_rows_into(rows_out + q_width + k_width + head % heads * v_dim, width, dv, seq, v_dim, 1.0f, {});
+      }
     }
   });
-  const int64_t q_width = heads * qk_dim, k_width = kv_heads * qk_dim, v_width = kv_heads * v_dim;
-  auto grad_qkv = at::empty({batch, seq, q_width + k_width + v_width}, grad_out.options());
   auto grad_q = grad_qkv.narrow(2, 0, q_width).view({batch, seq, heads, qk_dim});
   auto grad_k = grad_qkv.narrow(2, q_width, k_width).view({batch, seq, kv_heads, qk_dim});
   auto grad_v = grad_qkv.narrow(2, q_width + k_width, v_width).view({batch, seq, kv_heads, v_dim});
-  from_heads_into(grad_q, grad_qh, scale, rotation);
-  from_heads_into(grad_k, grad_kh, 1.0f, rotation);
-  from_heads_into(grad_v, grad_vh, 1.0f);
+  if (shared_kv) {
+    from_heads_into(grad_k, grad_kh, 1.0f, rotation);
+    from_heads_into(grad_v, grad_vh, 1.0f);
+  }
   return {grad_q, grad_k, grad_v};
 }
 
