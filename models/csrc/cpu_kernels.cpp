@@ -697,7 +697,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
         keys = pack_rows(kh.const_data_ptr<float>() + kv * seq * qk_dim, seq, qk_dim, qk_dim, keys_buffer);
         packed_kv = kv;
       }
-      const float* g_rows = g_in.const_data_ptr<float>() + head / heads * g_in.stride(0) + head % heads * g_in.stride(2);
+      const float* g_rows =
+          g_in.const_data_ptr<float>() + head / heads * g_in.stride(0) + head % heads * g_in.stride(2);
       for (int64_t s = 0; s < seq; ++s) {
         std::copy(g_rows + s * g_in.stride(1), g_rows + s * g_in.stride(1) + v_dim, head_grad + s * v_dim);
       }

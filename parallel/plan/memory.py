@@ -206,7 +206,8 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
             act += h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim + shape.seq_len) / t
         return act, fp32
     if blocked and _native_cpu(shape, software):
-        # The C++ kernel's copies: q per query head, k and v per kv head (read in place, not expanded), the output.
+        # The C++ kernel's copies: q per query head, k and v per kv head (read in place, not expanded); the output,
+        # which it keeps as returned, once with the output projection's input.
         act += 2 * (h + cfg.n_kv_heads) * cfg.head_dim / t
     else:
         # q, k and v expanded to every query head (GQA repeats kv before SDPA), and the attention output.
