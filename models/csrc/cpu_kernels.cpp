@@ -134,8 +134,6 @@ struct Panels {
 // Floats that pack_rows or pack_columns writes for a (rows, cols) matrix.
 int64_t packed_size(int64_t rows, int64_t cols) { return (cols + kPanel - 1) / kPanel * kPanel * rows; }
 
-Panels row_major(const float* data, int64_t row_stride) { return {data, row_stride, kPanel}; }
-
 // src (rows, cols; row stride ld) as panels of kPanel columns: dst[(j / kPanel) * rows * kPanel + r * kPanel + j %
 // kPanel]; a last, narrower panel is padded with zeros.
 Panels pack_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
@@ -158,10 +156,7 @@ Panels pack_columns(const float* src, int64_t rows, int64_t cols, int64_t ld, fl
     if (width < kPanel) {
       std::fill(panel, panel + rows * kPanel, 0.0f);
     }
-    for (int64_t r = 0; r < rows; r += kTransposeTile) {
-      at::vec::transpose_mxn<float>(src + j * ld + r, ld, panel + r * kPanel, kPanel, static_cast<int>(width),
-                                    static_cast<int>(std::min(kTransposeTile, rows - r)));
-    }
+    transpose_into(src + j * ld, width, rows, ld, panel, kPanel);
   }
   return {dst, kPanel, rows * kPanel};
 }
@@ -592,12 +587,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   TORCH_CHECK(block > 0 && k.size(1) == seq && v.size(1) == seq && k.size(3) == q.size(3),
               "supertrain_cpu::causal_attention: mismatched q, k, v shapes");
   const Blocks blocks{seq, block};
-  const float scale = 1.0f / std::sqrt(static_cast<float>(q.size(3)));
-  const Rotation rotation = make_rotation(cos, sin, seq, q.size(3));
+  const int64_t qk_dim = q.size(3), v_dim = v.size(3);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(qk_dim));
+  const Rotation rotation = make_rotation(cos, sin, seq, qk_dim);
   const auto qh = to_heads(q, scale, rotation);
   const auto kh = to_heads(k, 1.0f, rotation);
   const auto vh = to_heads(v, 1.0f);
-  const int64_t qk_dim = q.size(3), v_dim = v.size(3);
   // Each head's output rows go to a per-head layout first and are laid out as (batch, seq, heads, v_dim) in one
   // pass at the end: written in place from each task (rows 2 KB apart), the forward took up to 40% longer with heads
   // of 64 in most runs.
@@ -637,8 +632,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
 // Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them), as views of one
 // (batch, seq, q width + k width + v width) tensor that holds them side by side: the gradient a q, k, v projection
 // made as one product (models/cpu_linear.py) takes whole, without concatenating three pieces. One head per task, as
-// forward; the k and v gradients are kept per query head and summed over shared kv heads in the final copy, so that
-// no two tasks write the same memory.
+// forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad_out,
                                                                           at::TensorList saved,
                                                                           const std::optional<at::Tensor>& cos,
