@@ -593,10 +593,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   const auto qh = to_heads(q, scale, rotation);
   const auto kh = to_heads(k, 1.0f, rotation);
   const auto vh = to_heads(v, 1.0f);
-  // Each head's output rows go to a per-head layout first and are laid out as (batch, seq, heads, v_dim) in one
-  // pass at the end: written in place from each task (rows 2 KB apart), the forward took up to 40% longer with heads
-  // of 64 in most runs.
-  auto oh = at::empty({batch * heads, seq, v_dim}, q.options());
+  // Each task writes its head's output rows straight into `out`, heads * v_dim apart: 2-4% less time than a
+  // per-head layout and a final pass (docs/design_decisions.md).
+  auto out = at::empty({batch, seq, heads, v_dim}, q.options());
   auto probabilities = at::empty({batch * heads, blocks.probabilities()}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     // This task's kv head as the right operands of q k^T (k transposed) and P v, in panels (see Panels).
@@ -613,19 +612,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
         packed_kv = kv;
       }
       const float* qm = qh.const_data_ptr<float>() + head * seq * qk_dim;
-      float* om = oh.mutable_data_ptr<float>() + head * seq * v_dim;
+      float* om = out.mutable_data_ptr<float>() + (head / heads * seq * heads + head % heads) * v_dim;
+      const int64_t o_stride = heads * v_dim;
       float* head_p = probabilities.mutable_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = 0; i < blocks.count(); ++i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
         float* p = head_p + blocks.probabilities_before(i);
         cache_matmul(rows, stop, qk_dim, {qm + start * qk_dim, qk_dim, 1}, keys, p, stop, false);
         causal_softmax_rows_(p, rows, stop, start);
-        cache_matmul(rows, v_dim, stop, {p, stop, 1}, values, om + start * v_dim, v_dim, false);
+        cache_matmul(rows, v_dim, stop, {p, stop, 1}, values, om + start * o_stride, o_stride, false);
       }
     }
   });
-  auto out = at::empty({batch, seq, heads, v_dim}, q.options());
-  from_heads_into(out, oh, 1.0f);
   return {out, {qh, kh, vh, probabilities}};
 }
 
