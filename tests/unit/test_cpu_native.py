@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from launch.device import DeviceError, resolve_device
 from models import cpu_native
+from models.cpu_attention import QUERY_BLOCK
 from models.ops import causal_attention, rms_norm, swiglu
 from models.transformer import build_model, canonical_name, materialize
 from parallel.recompute import apply_recompute
@@ -158,6 +159,7 @@ def sdpa_reference(q, k, v):
     "batch, seq, heads, kv_heads, qk_dim, v_dim, block",
     [
         (2, 512, 4, 4, 32, 32, 128),  # whole blocks
+        (2, 512, 4, 4, 128, 128, QUERY_BLOCK),  # the block the model runs, at Llama's head width
         (1, 300, 3, 3, 16, 16, 128),  # a short last block
         (2, 130, 4, 2, 24, 16, 128),  # grouped-query heads, value narrower than query/key (MLA)
         (1, 64, 2, 1, 8, 8, 128),  # shorter than one block
