@@ -558,6 +558,12 @@ void causal_softmax_rows_(float* scores, int64_t rows, int64_t keys, int64_t sta
   }
 }
 
+// Offset of the first of head `head`'s rows (head counts batch * heads) in a contiguous (batch, seq, heads, dim)
+// tensor; the head's rows lie heads * dim apart.
+int64_t head_rows_offset(int64_t head, int64_t heads, int64_t seq, int64_t dim) {
+  return (head / heads * seq * heads + head % heads) * dim;
+}
+
 // Head index of the kv head that query head `head` (of batch * heads) reads.
 int64_t kv_head_of(int64_t head, int64_t heads, int64_t kv_heads) {
   return head / heads * kv_heads + head % heads / (heads / kv_heads);
@@ -596,6 +602,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   // Each task writes its head's output rows straight into `out`, heads * v_dim apart: 2-4% less time than a
   // per-head layout and a final pass (docs/design_decisions.md).
   auto out = at::empty({batch, seq, heads, v_dim}, q.options());
+  const int64_t out_row_stride = heads * v_dim;
   auto probabilities = at::empty({batch * heads, blocks.probabilities()}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     // This task's kv head as the right operands of q k^T (k transposed) and P v, in panels (see Panels).
@@ -612,15 +619,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
         packed_kv = kv;
       }
       const float* qm = qh.const_data_ptr<float>() + head * seq * qk_dim;
-      float* om = out.mutable_data_ptr<float>() + (head / heads * seq * heads + head % heads) * v_dim;
-      const int64_t o_stride = heads * v_dim;
+      float* om = out.mutable_data_ptr<float>() + head_rows_offset(head, heads, seq, v_dim);
       float* head_p = probabilities.mutable_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = 0; i < blocks.count(); ++i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
         float* p = head_p + blocks.probabilities_before(i);
         cache_matmul(rows, stop, qk_dim, {qm + start * qk_dim, qk_dim, 1}, keys, p, stop, false);
         causal_softmax_rows_(p, rows, stop, start);
-        cache_matmul(rows, v_dim, stop, {p, stop, 1}, values, om + start * o_stride, o_stride, false);
+        cache_matmul(rows, v_dim, stop, {p, stop, 1}, values, om + start * out_row_stride, out_row_stride, false);
       }
     }
   });
@@ -701,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       float* dk = shared_kv ? grad_kh.mutable_data_ptr<float>() + head * seq * qk_dim : own_dk;
       float* dv = shared_kv ? grad_vh.mutable_data_ptr<float>() + head * seq * v_dim : own_dv;
       // softmax backward: dS = P * (dP - sum(dO * O)) per row.
-      const float* po = out.const_data_ptr<float>() + (head / heads * seq * heads + head % heads) * v_dim;
+      const float* po = out.const_data_ptr<float>() + head_rows_offset(head, heads, seq, v_dim);
       for (int64_t s = 0; s < seq; ++s) {
         row_terms[s] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                        [](Vec a, Vec b) { return a + b; }, pg + s * v_dim,
