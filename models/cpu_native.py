@@ -194,12 +194,13 @@ class _CausalAttention(torch.autograd.Function):
                 cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
         out, (q_heads, k_heads, v_heads, probabilities) = _ops().causal_attention(q, k, v, cos, sin, block)
         ctx.save_for_backward(q_heads, k_heads, v_heads, out, probabilities)
-        ctx.kv_heads, ctx.block, ctx.rope = k.shape[2], block, (cos, sin)
+        ctx.kv_heads, ctx.qk_dim, ctx.block, ctx.rope = k.shape[2], q.shape[3], block, (cos, sin)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.block)
+        grads = _ops().causal_attention_backward(grad, list(ctx.saved_tensors), *ctx.rope, ctx.kv_heads, ctx.qk_dim,
+                                                 ctx.block)
         return (*grads, None, None, None)
 
 
@@ -211,9 +212,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
     and v may be narrower than q and k. With `rope` = (cos, sin) tables (seq, qk_dim / 2), q and k are rotated first
     (models.ops.apply_rope's convention) inside the copies the kernel makes anyway. Keeps per head the scaled q and
     the probabilities against the keys each query block sees (as the Python kernel does), k and v per kv head (a
-    query head reads its kv head in place; the Python kernel keeps them expanded), and the output it returns, which
-    the output projection keeps too. The gradients of q, k and v come back side by side in one tensor (see
-    models.cpu_linear.onednn_linear_group, which takes them so).
+    query head reads its kv head in place; the Python kernel keeps them expanded), q, k and v laid out as
+    backward's products read them, and the output it returns, which the output projection keeps too. The gradients
+    of q, k and v come back side by side in one tensor (see models.cpu_linear.onednn_linear_group, which takes them
+    so).
     """
     cos, sin = rope if rope is not None else (None, None)
     return _CausalAttention.apply(q, k, v, block, cos, sin)

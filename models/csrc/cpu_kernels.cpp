@@ -134,6 +134,9 @@ struct Panels {
 // Floats that pack_rows or pack_columns writes for a (rows, cols) matrix.
 int64_t packed_size(int64_t rows, int64_t cols) { return (cols + kPanel - 1) / kPanel * kPanel * rows; }
 
+// A (rows, cols) matrix that pack_rows or pack_columns wrote at `data`, read again.
+Panels packed_at(const float* data, int64_t rows) { return {data, kPanel, rows * kPanel}; }
+
 // src (rows, cols; row stride ld) as panels of kPanel columns: dst[(j / kPanel) * rows * kPanel + r * kPanel + j %
 // kPanel]; a last, narrower panel is padded with zeros.
 Panels pack_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
@@ -469,36 +472,24 @@ void rotate_row(float* to, const float* from, const float* c, const float* s, in
   }
 }
 
-// (batch, seq, heads, dim) with unit stride in dim -> contiguous (batch * heads, seq, dim), rotated (if `rotation`
-// is active) and times `scale`: the layout in which each head's rows are one matrix.
-at::Tensor to_heads(const at::Tensor& x, float scale, const Rotation& rotation = {}) {
-  const int64_t batch = x.size(0), seq = x.size(1), heads = x.size(2), dim = x.size(3);
-  auto out = at::empty({batch * heads, seq, dim}, x.options());
-  const float* src = x.const_data_ptr<float>();
-  float* dst = out.mutable_data_ptr<float>();
+// Head `head` (of batch * heads) of x (batch, seq, heads, dim; unit stride in dim) -> contiguous (seq, dim) at
+// `to`, rotated (if `rotation` is active) and times `scale`, on the calling thread.
+void head_rows_from(float* to, const at::Tensor& x, int64_t head, float scale, const Rotation& rotation) {
+  const int64_t heads = x.size(2), seq = x.size(1), dim = x.size(3), row_stride = x.stride(1);
+  const float* from = x.const_data_ptr<float>() + head / heads * x.stride(0) + head % heads * x.stride(2);
   const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
   const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
-  const int64_t sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
-  at::parallel_for(0, batch * seq, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t bs = begin; bs < end; ++bs) {
-      const int64_t b = bs / seq, s = bs % seq;
-      for (int64_t h = 0; h < heads; ++h) {
-        const float* from = src + b * sb + s * ss + h * sh;
-        float* to = dst + ((b * heads + h) * seq + s) * dim;
-        if (pc != nullptr) {
-          rotate_row(to, from, pc + s * dim, ps + s * dim, dim, 1.0f, scale);
-        } else {
-          at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to, from, dim);
-        }
-      }
+  for (int64_t s = 0; s < seq; ++s) {
+    if (pc != nullptr) {
+      rotate_row(to + s * dim, from + s * row_stride, pc + s * dim, ps + s * dim, dim, 1.0f, scale);
+    } else {
+      at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to + s * dim, from + s * row_stride, dim);
     }
-  });
-  return out;
+  }
 }
 
-// The inverse of to_heads: (batch * heads_in, seq, dim) -> `out` (batch, seq, heads_out, dim, unit stride in dim),
-// times `scale`, summing the `heads_in / heads_out` consecutive heads that share an output head, then rotated back
-// (if `rotation` is active).
+// (batch * heads_in, seq, dim) -> `out` (batch, seq, heads_out, dim, unit stride in dim), times `scale`, summing the
+// `heads_in / heads_out` consecutive heads that share an output head, then rotated back (if `rotation` is active).
 void from_heads_into(const at::Tensor& out, const at::Tensor& heads, float scale, const Rotation& rotation = {}) {
   const int64_t batch = out.size(0), seq = out.size(1), heads_out = out.size(2), dim = out.size(3);
   const int64_t heads_in = heads.size(0) / batch, group = heads_in / heads_out;
@@ -541,20 +532,26 @@ void head_rows_into(float* to, int64_t row_stride, const float* from, int64_t se
   }
 }
 
-// In place, scores -> probabilities for rows [start, start + rows) of one head: row r sees keys 0..start + r, the
-// later ones get probability 0. `scores` is (rows, keys) contiguous.
-void causal_softmax_rows_(float* scores, int64_t rows, int64_t keys, int64_t start) {
+// In place, scores -> probabilities for rows [start, start + rows) of one head, also written to `kept`: row r sees
+// keys 0..start + r, the later ones get probability 0. `scores` and `kept` are (rows, keys) contiguous.
+void causal_softmax_rows(float* scores, float* kept, int64_t rows, int64_t keys, int64_t start) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = scores + r * keys;
+    float* kept_row = kept + r * keys;
     const int64_t valid = start + r + 1;
     const float top =
         at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, valid);
     // exp_u20 (within 20 ulp), as ATen's own CPU flash-attention kernel takes for its softmax: the attention call
     // took 4% less time than with the 1-ulp exp.
     at::vec::map<float>([top](Vec v) { return (v - Vec(top)).exp_u20(); }, row, row, valid);
-    const float inverse = 1.0f / at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, row, valid);
-    at::vec::map<float>([inverse](Vec v) { return v * Vec(inverse); }, row, row, valid);
+    const Vec inverse(1.0f / at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, row, valid));
     std::fill(row + valid, row + keys, 0.0f);
+    for (int64_t j = 0; j < keys; j += kVec) {
+      const int count = static_cast<int>(std::min(kVec, keys - j));
+      const Vec probability = Vec::loadu(row + j, count) * inverse;
+      probability.store(row + j, count);
+      probability.store(kept_row + j, count);
+    }
   }
 }
 
@@ -573,10 +570,11 @@ int64_t kv_head_of(int64_t head, int64_t heads, int64_t kv_heads) {
 // probabilities stay in the core's cache from the product that makes them to the one that reads them; the batched
 // form (all heads per product, one product per block pair) ran its matmuls at ~60% of the rate they reach on data
 // in cache. With cos and sin (seq, dim / 2), q and k are first rotated (rotary embedding of consecutive pairs),
-// inside the copies the kernel makes anyway. Returned for backward, in this order: q (rotated, scaled), k (rotated)
-// and v per head (kv heads are not expanded: a query head reads its kv head in place) and the probabilities of each
-// head (see Blocks::probabilities); backward also takes the output, which the caller keeps (the next projection
-// keeps it anyway).
+// inside the copies the kernel makes anyway. Returned for backward, in this order, each packed once here in the
+// panels backward's products read (see Panels), from rows still in cache: q (rotated, scaled) per head, k (rotated)
+// and v^T per kv head (kv heads are not expanded: a query head reads its kv head in place), and the probabilities
+// of each head (see Blocks::probabilities); backward also takes the output, which the caller keeps (the next
+// projection keeps it anyway).
 std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& cos,
@@ -596,41 +594,58 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
   const int64_t qk_dim = q.size(3), v_dim = v.size(3);
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk_dim));
   const Rotation rotation = make_rotation(cos, sin, seq, qk_dim);
-  const auto qh = to_heads(q, scale, rotation);
-  const auto kh = to_heads(k, 1.0f, rotation);
-  const auto vh = to_heads(v, 1.0f);
+  const int64_t q_size = packed_size(seq, qk_dim), k_size = q_size, v_size = packed_size(v_dim, seq);
+  auto q_packed = at::empty({batch * heads, q_size}, q.options());
+  auto k_packed = at::empty({batch * kv_heads, k_size}, q.options());
+  auto v_packed = at::empty({batch * kv_heads, v_size}, q.options());
+  const int64_t group = heads / kv_heads;
   // Each task writes its head's output rows straight into `out`, heads * v_dim apart: 2-4% less time than a
   // per-head layout and a final pass (docs/design_decisions.md).
   auto out = at::empty({batch, seq, heads, v_dim}, q.options());
   const int64_t out_row_stride = heads * v_dim;
   auto probabilities = at::empty({batch * heads, blocks.probabilities()}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    // This task's kv head as the right operands of q k^T (k transposed) and P v, in panels (see Panels).
-    auto packed = at::empty({packed_size(qk_dim, seq) + packed_size(seq, v_dim)}, q.options());
-    float* keys_buffer = packed.mutable_data_ptr<float>();
+    // Per task, in cache: the kv head as the right operands of q k^T (k transposed) and P v, in panels (see
+    // Panels); a block's scores, kept here from q k^T through the softmax into P v, the probabilities for backward
+    // written once in the softmax's last pass (q k^T writing them in place, in scattered tiles to memory not in
+    // cache, ran at ~130 GFLOP/s a core against ~180); and one head's rows, contiguous (k's while they are packed,
+    // then q's, the left operand of q k^T).
+    auto scratch =
+        at::empty({packed_size(qk_dim, seq) + packed_size(seq, v_dim) + block * seq + seq * qk_dim}, q.options());
+    float* keys_buffer = scratch.mutable_data_ptr<float>();
     float* values_buffer = keys_buffer + packed_size(qk_dim, seq);
+    float* scores = values_buffer + packed_size(seq, v_dim);
+    float* head_rows = scores + block * seq;
     Panels keys{}, values{};
     int64_t packed_kv = -1;
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = kv_head_of(head, heads, kv_heads);
       if (kv != packed_kv) {  // query heads that share a kv head are consecutive
-        keys = pack_columns(kh.const_data_ptr<float>() + kv * seq * qk_dim, qk_dim, seq, qk_dim, keys_buffer);
-        values = pack_rows(vh.const_data_ptr<float>() + kv * seq * v_dim, seq, v_dim, v_dim, values_buffer);
+        head_rows_from(head_rows, k, kv, 1.0f, rotation);
+        keys = pack_columns(head_rows, qk_dim, seq, qk_dim, keys_buffer);
+        const float* v_rows = v.const_data_ptr<float>() + kv / kv_heads * v.stride(0) + kv % kv_heads * v.stride(2);
+        values = pack_rows(v_rows, seq, v_dim, v.stride(1), values_buffer);
+        if (head % heads % group == 0) {  // one task, the group's first query head's, keeps the kv head
+          pack_rows(head_rows, seq, qk_dim, qk_dim, k_packed.mutable_data_ptr<float>() + kv * k_size);
+          pack_columns(v_rows, v_dim, seq, v.stride(1), v_packed.mutable_data_ptr<float>() + kv * v_size);
+        }
         packed_kv = kv;
       }
-      const float* qm = qh.const_data_ptr<float>() + head * seq * qk_dim;
+      head_rows_from(head_rows, q, head, scale, rotation);
+      pack_rows(head_rows, seq, qk_dim, qk_dim, q_packed.mutable_data_ptr<float>() + head * q_size);
       float* om = out.mutable_data_ptr<float>() + head_rows_offset(head, heads, seq, v_dim);
       float* head_p = probabilities.mutable_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = 0; i < blocks.count(); ++i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
         float* p = head_p + blocks.probabilities_before(i);
-        cache_matmul(rows, stop, qk_dim, {qm + start * qk_dim, qk_dim, 1}, keys, p, stop, false);
-        causal_softmax_rows_(p, rows, stop, start);
-        cache_matmul(rows, v_dim, stop, {p, stop, 1}, values, om + start * out_row_stride, out_row_stride, false);
+        cache_matmul(rows, stop, qk_dim, {head_rows + start * qk_dim, qk_dim, 1}, keys, scores, stop, false);
+        causal_softmax_rows(scores, p, rows, stop, start);
+        cache_matmul(rows, v_dim, stop, {scores, stop, 1}, values, om + start * out_row_stride, out_row_stride,
+                     false);
       }
     }
   });
-  return {out, {qh, kh, vh, probabilities}};
+  return {out, {q_packed, k_packed, v_packed, probabilities}};
 }
 
 // Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them), as views of one
@@ -641,19 +656,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                           at::TensorList saved,
                                                                           const std::optional<at::Tensor>& cos,
                                                                           const std::optional<at::Tensor>& sin,
-                                                                          int64_t kv_heads, int64_t block) {
+                                                                          int64_t kv_heads, int64_t qk_dim,
+                                                                          int64_t block) {
   TORCH_CHECK(saved.size() == 5,
               "supertrain_cpu::causal_attention_backward: expected q, k, v, the output and the probabilities, got ",
               saved.size(), " tensors");
   const at::Tensor &qh = saved[0], &kh = saved[1], &vh = saved[2], &out = saved[3], &probabilities = saved[4];
-  const int64_t batch = grad_out.size(0), seq = grad_out.size(1), heads = grad_out.size(2);
+  const int64_t batch = grad_out.size(0), seq = grad_out.size(1), heads = grad_out.size(2), v_dim = grad_out.size(3);
   const Blocks blocks{seq, block};
-  TORCH_CHECK(probabilities.size(1) == blocks.probabilities() && qh.size(0) == batch * heads,
+  const int64_t q_size = packed_size(seq, qk_dim), k_size = q_size, v_size = packed_size(v_dim, seq);
+  TORCH_CHECK(probabilities.sizes() == at::IntArrayRef({batch * heads, blocks.probabilities()}) &&
+                  qh.sizes() == at::IntArrayRef({batch * heads, q_size}) &&
+                  kh.sizes() == at::IntArrayRef({batch * kv_heads, k_size}) &&
+                  vh.sizes() == at::IntArrayRef({batch * kv_heads, v_size}),
               "supertrain_cpu::causal_attention_backward: saved tensors do not match this gradient");
   for (const auto& t : saved) {  // heads are found by offset
     TORCH_CHECK(t.is_contiguous(), "supertrain_cpu::causal_attention_backward: saved tensors must be contiguous");
   }
-  const int64_t qk_dim = qh.size(2), v_dim = vh.size(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk_dim));
   const Rotation rotation = make_rotation(cos, sin, seq, qk_dim);
   const auto g_in = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
@@ -670,57 +689,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
     grad_vh = at::empty({batch * heads, seq, v_dim}, qh.options());
   }
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    auto scratch = at::empty(
-        {blocks.block * seq + seq * v_dim + seq * qk_dim + (shared_kv ? 0 : seq * (qk_dim + v_dim))}, qh.options());
-    // Right operands in panels (see Panels): this task's kv head (v transposed for dO v^T, k for dS k) and head (q
-    // for dS^T q, dO for P^T dO).
-    const int64_t kv_size = packed_size(v_dim, seq) + packed_size(seq, qk_dim);
-    auto packed = at::empty({kv_size + packed_size(seq, qk_dim) + packed_size(seq, v_dim)}, qh.options());
-    float* values_buffer = packed.mutable_data_ptr<float>();
-    float* keys_buffer = values_buffer + packed_size(v_dim, seq);
-    float* queries_buffer = values_buffer + kv_size;
-    float* grads_buffer = queries_buffer + packed_size(seq, qk_dim);
+    auto scratch =
+        at::empty({blocks.block * seq + seq * qk_dim + (shared_kv ? 0 : seq * (qk_dim + v_dim))}, qh.options());
+    // The right operands are in panels (see Panels): forward packed the kv head (v transposed for dO v^T, k for
+    // dS k) and the head's q (for dS^T q); dO (for P^T dO) is packed here.
+    auto packed = at::empty({packed_size(seq, v_dim)}, qh.options());
+    float* grads_buffer = packed.mutable_data_ptr<float>();
     float* ds = scratch.mutable_data_ptr<float>();
-    float* head_grad = ds + blocks.block * seq;  // this head's rows of grad_out, copied where the task's cache is
-    float* dq = head_grad + seq * v_dim;
+    float* dq = ds + blocks.block * seq;
     float* own_dk = dq + seq * qk_dim;
     float* own_dv = own_dk + seq * qk_dim;
-    Panels values{}, keys{};
-    int64_t packed_kv = -1;
     std::vector<float> row_terms(seq);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = kv_head_of(head, heads, kv_heads);
-      if (kv != packed_kv) {
-        values = pack_columns(vh.const_data_ptr<float>() + kv * seq * v_dim, v_dim, seq, v_dim, values_buffer);
-        keys = pack_rows(kh.const_data_ptr<float>() + kv * seq * qk_dim, seq, qk_dim, qk_dim, keys_buffer);
-        packed_kv = kv;
-      }
-      const float* g_rows =
-          g_in.const_data_ptr<float>() + head / heads * g_in.stride(0) + head % heads * g_in.stride(2);
-      for (int64_t s = 0; s < seq; ++s) {
-        std::copy(g_rows + s * g_in.stride(1), g_rows + s * g_in.stride(1) + v_dim, head_grad + s * v_dim);
-      }
-      const float* pg = head_grad;
-      const Panels queries =
-          pack_rows(qh.const_data_ptr<float>() + head * seq * qk_dim, seq, qk_dim, qk_dim, queries_buffer);
-      const Panels grads = pack_rows(pg, seq, v_dim, v_dim, grads_buffer);
+      const Panels values = packed_at(vh.const_data_ptr<float>() + kv * v_size, v_dim);
+      const Panels keys = packed_at(kh.const_data_ptr<float>() + kv * k_size, seq);
+      const Panels queries = packed_at(qh.const_data_ptr<float>() + head * q_size, seq);
+      // This head's rows of dO, read in place (the softmax term's pass brings them into cache).
+      const int64_t g_stride = g_in.stride(1);
+      const float* pg = g_in.const_data_ptr<float>() + head / heads * g_in.stride(0) + head % heads * g_in.stride(2);
       float* dk = shared_kv ? grad_kh.mutable_data_ptr<float>() + head * seq * qk_dim : own_dk;
       float* dv = shared_kv ? grad_vh.mutable_data_ptr<float>() + head * seq * v_dim : own_dv;
       // softmax backward: dS = P * (dP - sum(dO * O)) per row.
       const float* po = out.const_data_ptr<float>() + head_rows_offset(head, heads, seq, v_dim);
       for (int64_t s = 0; s < seq; ++s) {
         row_terms[s] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
-                                                       [](Vec a, Vec b) { return a + b; }, pg + s * v_dim,
+                                                       [](Vec a, Vec b) { return a + b; }, pg + s * g_stride,
                                                        po + s * heads * v_dim, v_dim);
       }
+      const Panels grads = pack_rows(pg, seq, v_dim, g_stride, grads_buffer);
       // Last block first: it sees every key, so its products initialise the whole k and v gradients.
       const float* head_p = probabilities.const_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = blocks.count() - 1; i >= 0; --i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
         const float* pp = head_p + blocks.probabilities_before(i);
-        const float* g = pg + start * v_dim;
         const bool later = i + 1 < blocks.count();
-        cache_matmul(rows, stop, v_dim, {g, v_dim, 1}, values, ds, stop, false);
+        cache_matmul(rows, stop, v_dim, {pg + start * g_stride, g_stride, 1}, values, ds, stop, false);
         for (int64_t r = 0; r < rows; ++r) {
           const float term = row_terms[start + r];
           at::vec::map2<float>([term](Vec d, Vec prob) { return prob * (d - Vec(term)); }, ds + r * stop,
@@ -760,7 +764,7 @@ TORCH_LIBRARY(supertrain_cpu, m) {
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block) -> "
         "(Tensor, Tensor[])");
   m.def("causal_attention_backward(Tensor grad_out, Tensor[] saved, Tensor? cos, Tensor? sin, int kv_heads, "
-        "int block) -> (Tensor, Tensor, Tensor)");
+        "int qk_dim, int block) -> (Tensor, Tensor, Tensor)");
   // `onednn`: multiply through oneDNN (where onednn_matmul_available says it runs) or else ATen's mm.
   m.def("linear_weight_grad(Tensor grad_out, Tensor x, bool onednn) -> Tensor");
   m.def("onednn_matmul_available() -> bool", &supertrain::onednn_matmul_available);
