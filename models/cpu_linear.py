@@ -160,11 +160,12 @@ def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Through the C++ kernels where they are built (models/cpu_native.py): oneDNN's batched-matmul entry takes the
     transposed views without copies and, oriented with the shorter feature dimension as rows, ran 15-25% faster
     than this op's matmul over the same views, and than oneDNN's inner-product weight-gradient primitive, whose
-    inputs need copies into oneDNN's layout (fourth host, 2026-12-03). Elsewhere, and in code that torch.compile
-    traces, this op over transposed views.
+    inputs need copies into oneDNN's layout (fourth host, 2026-12-03). In code that torch.compile traces too, where
+    the kernels are already loaded (the op is kept whole in the graph); elsewhere this op over transposed views.
     """
-    if not torch.compiler.is_compiling() and cpu_native.load():
-        return torch.ops.supertrain_cpu.linear_weight_grad(grad_out, x, cpu_native.onednn_matmul())
+    native = cpu_native.Loaded.kernels if torch.compiler.is_compiling() else cpu_native.load()
+    if native:
+        return torch.ops.supertrain_cpu.linear_weight_grad(grad_out, x, cpu_native.Loaded.onednn_matmul)
     return LINEAR_OP(grad_out.t(), x.t())
 
 

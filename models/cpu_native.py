@@ -78,6 +78,33 @@ def load() -> bool:
 
     Under `auto` a failed build logs one warning and the run continues on ATen's ops; under `native` it raises.
     """
+    Loaded.kernels = _build_and_load()
+    if Loaded.kernels:
+        _register_fake_weight_gradient()
+    Loaded.onednn_matmul = Loaded.kernels and bool(torch.ops.supertrain_cpu.onednn_matmul_available())
+    return Loaded.kernels
+
+
+class Loaded:
+    """What `load` found in this process, as plain attributes: code that torch.compile traces reads them here,
+    since it must neither build nor call through `load`'s cache."""
+
+    kernels = False
+    onednn_matmul = False
+
+
+@functools.lru_cache(maxsize=None)  # once per process: a second registration is an error
+def _register_fake_weight_gradient() -> None:
+    """The weight gradient's output for tracing, so that torch.compile keeps the op in its graphs as an external
+    kernel (without it, compiled blocks multiplied over transposed views that oneDNN's linear first copied: ~50 ms of
+    copies in the benchmark's step)."""
+
+    @torch.library.register_fake("supertrain_cpu::linear_weight_grad")
+    def _(grad_out: torch.Tensor, x: torch.Tensor, onednn: bool) -> torch.Tensor:
+        return grad_out.new_empty(grad_out.shape[-1], x.shape[-1])
+
+
+def _build_and_load() -> bool:
     if not NATIVE_EXPECTED:
         return False
     from torch.utils import cpp_extension
@@ -107,11 +134,10 @@ def _first_error_line(message: str) -> str:
     return (errors or lines or [message])[0][:300]
 
 
-@functools.lru_cache(maxsize=None)
 def onednn_matmul() -> bool:
     """Whether the weight gradient multiplies through oneDNN (it refuses CPUs without AVX-512 or AVX-NE-CONVERT;
     tried once on a small product), else through ATen's mm."""
-    return load() and bool(torch.ops.supertrain_cpu.onednn_matmul_available())
+    return load() and Loaded.onednn_matmul
 
 
 def description() -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import cpu_linear
+from models import cpu_linear, cpu_native
 from models.cpu_linear import LINEAR_OP, MIN_FORWARD_MACS, matmul_kernels, onednn_linear, onednn_linear_applies
 from models.ops import Linear, linear
 
@@ -158,6 +158,31 @@ def test_compiled_graph_keeps_the_op_and_its_gradients(any_size):
     for got, expected in zip(values_and_grads(compiled, x, weight, grad_out),
                              values_and_grads(block, x, weight, grad_out)):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_native.load(), reason="the C++ kernels are not built on this machine")
+def test_compiled_backward_keeps_the_weight_gradient_kernel(any_size):
+    """Compiled, the weight gradient still runs the C++ kernel (kept whole in the backward graph), not oneDNN's linear
+    over transposed views, which copies them first."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    x, weight, grad_out = torch.randn(16, 32), torch.randn(8, 32), torch.randn(16, 8)
+    ran = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.append(func)
+            return func(*args, **(kwargs or {}))
+
+    compiled = torch.compile(lambda x, weight: linear(x, weight) * 2, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    out = compiled(*leaves)
+    with Record():
+        out.backward(grad_out)
+    assert torch.ops.supertrain_cpu.linear_weight_grad.default in ran
+    assert torch.ops.aten.copy_.default not in ran
+    torch.testing.assert_close(leaves[1].grad, (grad_out * 2).t() @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_peak_counts_every_matmul_the_model_runs():

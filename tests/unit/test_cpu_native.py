@@ -24,7 +24,7 @@ def matmul_library(request, monkeypatch):
     both routes, whatever this CPU."""
     if request.param == "onednn" and not cpu_native.onednn_matmul():
         pytest.skip("oneDNN's matmul does not run on this CPU")
-    monkeypatch.setattr(cpu_native, "onednn_matmul", lambda: request.param == "onednn")
+    monkeypatch.setattr(cpu_native.Loaded, "onednn_matmul", request.param == "onednn")
     return request.param
 
 
