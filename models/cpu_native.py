@@ -16,7 +16,8 @@ mm. `SUPERTRAIN_CPU_KERNELS` chooses: `auto` (default: native where it builds,
 else ATen with one warning), `native` (stop at start-up if it cannot be built), `aten` (never build).
 
 Taken only for plain fp32 CPU tensors outside autocast and outside torch.compile's tracing (Inductor fuses these
-ops itself); DTensors keep ATen's ops, which know how to shard.
+ops itself; the linear weight gradient alone is kept whole inside compiled graphs); DTensors keep ATen's ops, which
+know how to shard.
 """
 
 from __future__ import annotations
