@@ -472,18 +472,23 @@ void rotate_row(float* to, const float* from, const float* c, const float* s, in
   }
 }
 
-// Head `head` (of batch * heads) of x (batch, seq, heads, dim; unit stride in dim) -> contiguous (seq, dim) at
-// `to`, rotated (if `rotation` is active) and times `scale`, on the calling thread.
-void head_rows_from(float* to, const at::Tensor& x, int64_t head, float scale, const Rotation& rotation) {
-  const int64_t heads = x.size(2), seq = x.size(1), dim = x.size(3), row_stride = x.stride(1);
-  const float* from = x.const_data_ptr<float>() + head / heads * x.stride(0) + head % heads * x.stride(2);
+// Where head `head` (of batch * heads) of x (batch, seq, heads, dim) starts: its rows lie x.stride(1) apart.
+int64_t head_offset(const at::Tensor& x, int64_t head) {
+  return head / x.size(2) * x.stride(0) + head % x.size(2) * x.stride(2);
+}
+
+// One head's `seq` rows of `dim` floats from `from` (rows from_stride apart) to `to` (rows to_stride apart), on the
+// calling thread: rotated (if `rotation` is active; direction -1 rotates back) and times `scale`. Forward copies a
+// head out of a (batch, seq, heads, dim) tensor, backward copies its gradients back into one.
+void copy_head_rows(float* to, int64_t to_stride, const float* from, int64_t from_stride, int64_t seq, int64_t dim,
+                    float scale, const Rotation& rotation, float direction) {
   const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
   const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
   for (int64_t s = 0; s < seq; ++s) {
     if (pc != nullptr) {
-      rotate_row(to + s * dim, from + s * row_stride, pc + s * dim, ps + s * dim, dim, 1.0f, scale);
+      rotate_row(to + s * to_stride, from + s * from_stride, pc + s * dim, ps + s * dim, dim, direction, scale);
     } else {
-      at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to + s * dim, from + s * row_stride, dim);
+      at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to + s * to_stride, from + s * from_stride, dim);
     }
   }
 }
@@ -517,21 +522,6 @@ void from_heads_into(const at::Tensor& out, const at::Tensor& heads, float scale
   });
 }
 
-// One head's rows (seq, dim), contiguous, into a (batch, seq, heads, dim) tensor whose rows lie `row_stride` apart,
-// times `scale`, then rotated back (if `rotation` is active): from_heads_into for one head, from its task.
-void head_rows_into(float* to, int64_t row_stride, const float* from, int64_t seq, int64_t dim, float scale,
-                    const Rotation& rotation) {
-  const float* pc = rotation.active() ? rotation.c.const_data_ptr<float>() : nullptr;
-  const float* ps = rotation.active() ? rotation.s.const_data_ptr<float>() : nullptr;
-  for (int64_t s = 0; s < seq; ++s) {
-    if (pc != nullptr) {
-      rotate_row(to + s * row_stride, from + s * dim, pc + s * dim, ps + s * dim, dim, -1.0f, scale);
-    } else {
-      at::vec::map<float>([scale](Vec v) { return v * Vec(scale); }, to + s * row_stride, from + s * dim, dim);
-    }
-  }
-}
-
 // In place, scores -> probabilities for rows [start, start + rows) of one head, also written to `kept`: row r sees
 // keys 0..start + r, the later ones get probability 0. `scores` and `kept` are (rows, keys) contiguous.
 void causal_softmax_rows(float* scores, float* kept, int64_t rows, int64_t keys, int64_t start) {
@@ -553,12 +543,6 @@ void causal_softmax_rows(float* scores, float* kept, int64_t rows, int64_t keys,
       probability.store(kept_row + j, count);
     }
   }
-}
-
-// Offset of the first of head `head`'s rows (head counts batch * heads) in a contiguous (batch, seq, heads, dim)
-// tensor; the head's rows lie heads * dim apart.
-int64_t head_rows_offset(int64_t head, int64_t heads, int64_t seq, int64_t dim) {
-  return (head / heads * seq * heads + head % heads) * dim;
 }
 
 // Head index of the kv head that query head `head` (of batch * heads) reads.
@@ -621,9 +605,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = kv_head_of(head, heads, kv_heads);
       if (kv != packed_kv) {  // query heads that share a kv head are consecutive
-        head_rows_from(head_rows, k, kv, 1.0f, rotation);
+        copy_head_rows(head_rows, qk_dim, k.const_data_ptr<float>() + head_offset(k, kv), k.stride(1), seq, qk_dim,
+                       1.0f, rotation, 1.0f);
         keys = pack_columns(head_rows, qk_dim, seq, qk_dim, keys_buffer);
-        const float* v_rows = v.const_data_ptr<float>() + kv / kv_heads * v.stride(0) + kv % kv_heads * v.stride(2);
+        const float* v_rows = v.const_data_ptr<float>() + head_offset(v, kv);
         values = pack_rows(v_rows, seq, v_dim, v.stride(1), values_buffer);
         if (head % heads % group == 0) {  // one task, the group's first query head's, keeps the kv head
           pack_rows(head_rows, seq, qk_dim, qk_dim, k_packed.mutable_data_ptr<float>() + kv * k_size);
@@ -631,9 +616,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
         }
         packed_kv = kv;
       }
-      head_rows_from(head_rows, q, head, scale, rotation);
+      copy_head_rows(head_rows, qk_dim, q.const_data_ptr<float>() + head_offset(q, head), q.stride(1), seq, qk_dim,
+                     scale, rotation, 1.0f);
       pack_rows(head_rows, seq, qk_dim, qk_dim, q_packed.mutable_data_ptr<float>() + head * q_size);
-      float* om = out.mutable_data_ptr<float>() + head_rows_offset(head, heads, seq, v_dim);
+      float* om = out.mutable_data_ptr<float>() + head_offset(out, head);
       float* head_p = probabilities.mutable_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = 0; i < blocks.count(); ++i) {
         const int64_t start = blocks.start(i), stop = blocks.end(i), rows = stop - start;
@@ -676,6 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk_dim));
   const Rotation rotation = make_rotation(cos, sin, seq, qk_dim);
   const auto g_in = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
+  const int64_t g_stride = g_in.stride(1);
   const int64_t q_width = heads * qk_dim, k_width = kv_heads * qk_dim, v_width = kv_heads * v_dim;
   const int64_t width = q_width + k_width + v_width;
   auto grad_qkv = at::empty({batch, seq, width}, grad_out.options());
@@ -706,12 +693,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
       const Panels keys = packed_at(kh.const_data_ptr<float>() + kv * k_size, seq);
       const Panels queries = packed_at(qh.const_data_ptr<float>() + head * q_size, seq);
       // This head's rows of dO, read in place (the softmax term's pass brings them into cache).
-      const int64_t g_stride = g_in.stride(1);
-      const float* pg = g_in.const_data_ptr<float>() + head / heads * g_in.stride(0) + head % heads * g_in.stride(2);
+      const float* pg = g_in.const_data_ptr<float>() + head_offset(g_in, head);
       float* dk = shared_kv ? grad_kh.mutable_data_ptr<float>() + head * seq * qk_dim : own_dk;
       float* dv = shared_kv ? grad_vh.mutable_data_ptr<float>() + head * seq * v_dim : own_dv;
       // softmax backward: dS = P * (dP - sum(dO * O)) per row.
-      const float* po = out.const_data_ptr<float>() + head_rows_offset(head, heads, seq, v_dim);
+      const float* po = out.const_data_ptr<float>() + head_offset(out, head);
       for (int64_t s = 0; s < seq; ++s) {
         row_terms[s] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                        [](Vec a, Vec b) { return a + b; }, pg + s * g_stride,
@@ -736,10 +722,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
         cache_matmul(stop, v_dim, rows, {pp, 1, stop}, grads.from_row(start), dv, v_dim, later);
       }
       float* rows_out = grad_qkv.mutable_data_ptr<float>() + head / heads * seq * width;
-      head_rows_into(rows_out + head % heads * qk_dim, width, dq, seq, qk_dim, scale, rotation);
+      copy_head_rows(rows_out + head % heads * qk_dim, width, dq, qk_dim, seq, qk_dim, scale, rotation, -1.0f);
       if (!shared_kv) {
-        head_rows_into(rows_out + q_width + head % heads * qk_dim, width, dk, seq, qk_dim, 1.0f, rotation);
-        head_rows_into(rows_out + q_width + k_width + head % heads * v_dim, width, dv, seq, v_dim, 1.0f, {});
+        copy_head_rows(rows_out + q_width + head % heads * qk_dim, width, dk, qk_dim, seq, qk_dim, 1.0f, rotation,
+                       -1.0f);
+        copy_head_rows(rows_out + q_width + k_width + head % heads * v_dim, width, dv, v_dim, seq, v_dim, 1.0f, {},
+                       -1.0f);
       }
     }
   });
