@@ -18,8 +18,13 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -96,6 +101,39 @@ at::Tensor transpose_copy(const at::Tensor& matrix) {
   return out;
 }
 
+// ---- stores that bypass the caches ----------------------------------------------------------------------------
+
+// What attention's forward keeps for backward (the probabilities and the packed q, k and v: ~43 MB a layer at
+// 8 x 512 tokens and 4 heads of 128, more than this project's hosts' 32 MB L3) is read only in backward, long after.
+// Written through the caches it evicted the operands of the ops that come next; written around them, with
+// non-temporal stores, the benchmark's model step took ~1.5% less time at head width 128 (paired runs; no change
+// measured at 64: docs/design_decisions.md).
+enum class Store { cached, streaming };
+
+template <Store How>
+void store_vec(float* to, const Vec& value, int64_t count = kVec) {
+  if constexpr (How == Store::streaming) {
+    // Non-temporal stores take whole, aligned vectors; the rest (a row's unaligned start or partial end) is cached.
+    if (count == kVec && reinterpret_cast<std::uintptr_t>(to) % sizeof(Vec) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(to, value);
+      return;
+#elif defined(CPU_CAPABILITY_AVX2)
+      _mm256_stream_ps(to, value);
+      return;
+#endif
+    }
+  }
+  value.store(to, static_cast<int>(count));
+}
+
+// Orders a task's non-temporal stores before whatever later reads them (the end of the parallel region).
+void finish_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // ---- matmuls on data in cache -----------------------------------------------------------------------------------
 
 // Attention multiplies blocks of at most a few hundred rows and columns, a few dozen microseconds each, whose
@@ -139,13 +177,16 @@ Panels packed_at(const float* data, int64_t rows) { return {data, kPanel, rows *
 
 // src (rows, cols; row stride ld) as panels of kPanel columns: dst[(j / kPanel) * rows * kPanel + r * kPanel + j %
 // kPanel]; a last, narrower panel is padded with zeros.
+template <Store How = Store::cached>
 Panels pack_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
   for (int64_t j = 0; j < cols; j += kPanel) {
-    const int64_t width = std::min(kPanel, cols - j);
     float* panel = dst + j * rows;
     for (int64_t r = 0; r < rows; ++r) {
-      std::copy(src + r * ld + j, src + r * ld + j + width, panel + r * kPanel);
-      std::fill(panel + r * kPanel + width, panel + (r + 1) * kPanel, 0.0f);
+      for (int64_t c = 0; c < kPanel; c += kVec) {
+        const int64_t count = std::clamp<int64_t>(cols - j - c, 0, kVec);
+        const float* from = src + r * ld + j + c;
+        store_vec<How>(panel + r * kPanel + c, count == kVec ? Vec::loadu(from) : Vec::loadu(from, count));
+      }
     }
   }
   return {dst, kPanel, rows * kPanel};
@@ -162,6 +203,24 @@ Panels pack_columns(const float* src, int64_t rows, int64_t cols, int64_t ld, fl
     transpose_into(src + j * ld, width, rows, ld, panel, kPanel);
   }
   return {dst, kPanel, rows * kPanel};
+}
+
+// The transpose of a (rows, cols) matrix that pack_rows laid out at `panels`, as pack_columns lays it out: the same
+// result as pack_columns on the matrix's rows, but read in contiguous kPanel x kPanel blocks. Attention's v rows lie
+// a whole token's q, k and v apart (6 KB at 4 heads of 128), and transposing them from there took the forward ~6%
+// longer (paired runs).
+void pack_columns_from_panels(const float* panels, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t j = 0; j < rows; j += kPanel) {
+    const int64_t width = std::min(kPanel, rows - j);
+    float* panel = dst + j * cols;
+    if (width < kPanel) {
+      std::fill(panel, panel + cols * kPanel, 0.0f);
+    }
+    for (int64_t p = 0; p < cols; p += kPanel) {
+      transpose_into(panels + p * rows + j * kPanel, width, std::min(kPanel, cols - p), kPanel, panel + p * kPanel,
+                     kPanel);
+    }
+  }
 }
 
 // c[0:Rows, 0:Vecs vectors] (+)= a[0:Rows, 0:depth] @ b[0:depth, same columns]; with Partial, the single vector of
@@ -522,8 +581,9 @@ void from_heads_into(const at::Tensor& out, const at::Tensor& heads, float scale
   });
 }
 
-// In place, scores -> probabilities for rows [start, start + rows) of one head, also written to `kept`: row r sees
-// keys 0..start + r, the later ones get probability 0. `scores` and `kept` are (rows, keys) contiguous.
+// In place, scores -> probabilities for rows [start, start + rows) of one head, also written to `kept` (around the
+// caches: see Store): row r sees keys 0..start + r, the later ones get probability 0. `scores` and `kept` are
+// (rows, keys) contiguous.
 void causal_softmax_rows(float* scores, float* kept, int64_t rows, int64_t keys, int64_t start) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = scores + r * keys;
@@ -540,7 +600,7 @@ void causal_softmax_rows(float* scores, float* kept, int64_t rows, int64_t keys,
       const int count = static_cast<int>(std::min(kVec, keys - j));
       const Vec probability = Vec::loadu(row + j, count) * inverse;
       probability.store(row + j, count);
-      probability.store(kept_row + j, count);
+      store_vec<Store::streaming>(kept_row + j, probability, count);
     }
   }
 }
@@ -557,8 +617,8 @@ int64_t kv_head_of(int64_t head, int64_t heads, int64_t kv_heads) {
 // inside the copies the kernel makes anyway. Returned for backward, in this order, each packed once here in the
 // panels backward's products read (see Panels), from rows still in cache: q (rotated, scaled) per head, k (rotated)
 // and v^T per kv head (kv heads are not expanded: a query head reads its kv head in place), and the probabilities
-// of each head (see Blocks::probabilities); backward also takes the output, which the caller keeps (the next
-// projection keeps it anyway).
+// of each head (see Blocks::probabilities); all but v^T are written around the caches (see Store). Backward also
+// takes the output, which the caller keeps (the next projection keeps it anyway).
 std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& cos,
@@ -611,14 +671,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
         const float* v_rows = v.const_data_ptr<float>() + head_offset(v, kv);
         values = pack_rows(v_rows, seq, v_dim, v.stride(1), values_buffer);
         if (head % heads % group == 0) {  // one task, the group's first query head's, keeps the kv head
-          pack_rows(head_rows, seq, qk_dim, qk_dim, k_packed.mutable_data_ptr<float>() + kv * k_size);
-          pack_columns(v_rows, v_dim, seq, v.stride(1), v_packed.mutable_data_ptr<float>() + kv * v_size);
+          float* kept_k = k_packed.mutable_data_ptr<float>() + kv * k_size;
+          pack_rows<Store::streaming>(head_rows, seq, qk_dim, qk_dim, kept_k);
+          pack_columns_from_panels(values_buffer, seq, v_dim, v_packed.mutable_data_ptr<float>() + kv * v_size);
         }
         packed_kv = kv;
       }
       copy_head_rows(head_rows, qk_dim, q.const_data_ptr<float>() + head_offset(q, head), q.stride(1), seq, qk_dim,
                      scale, rotation, 1.0f);
-      pack_rows(head_rows, seq, qk_dim, qk_dim, q_packed.mutable_data_ptr<float>() + head * q_size);
+      float* kept_q = q_packed.mutable_data_ptr<float>() + head * q_size;
+      pack_rows<Store::streaming>(head_rows, seq, qk_dim, qk_dim, kept_q);
       float* om = out.mutable_data_ptr<float>() + head_offset(out, head);
       float* head_p = probabilities.mutable_data_ptr<float>() + head * blocks.probabilities();
       for (int64_t i = 0; i < blocks.count(); ++i) {
@@ -630,6 +692,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
                      false);
       }
     }
+    finish_streaming_stores();
   });
   return {out, {q_packed, k_packed, v_packed, probabilities}};
 }
