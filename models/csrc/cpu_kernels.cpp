@@ -192,34 +192,32 @@ Panels pack_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, float
   return {dst, kPanel, rows * kPanel};
 }
 
-// The transpose of src (cols, rows; row stride ld), that is a (rows, cols) matrix, as panels (see pack_rows).
-Panels pack_columns(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+// The transpose of src (cols, rows; row stride ld), that is a (rows, cols) matrix, as panels (see pack_rows) that lie
+// `panel_stride` floats apart: rows * kPanel when they hold this matrix alone, more when it is a band of rows of a
+// taller one's panels.
+Panels pack_columns(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t panel_stride) {
   for (int64_t j = 0; j < cols; j += kPanel) {
     const int64_t width = std::min(kPanel, cols - j);
-    float* panel = dst + j * rows;
+    float* panel = dst + j / kPanel * panel_stride;
     if (width < kPanel) {
       std::fill(panel, panel + rows * kPanel, 0.0f);
     }
     transpose_into(src + j * ld, width, rows, ld, panel, kPanel);
   }
-  return {dst, kPanel, rows * kPanel};
+  return {dst, kPanel, panel_stride};
+}
+
+Panels pack_columns(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  return pack_columns(src, rows, cols, ld, dst, rows * kPanel);
 }
 
 // The transpose of a (rows, cols) matrix that pack_rows laid out at `panels`, as pack_columns lays it out: the same
-// result as pack_columns on the matrix's rows, but read in contiguous kPanel x kPanel blocks. Attention's v rows lie
-// a whole token's q, k and v apart (6 KB at 4 heads of 128), and transposing them from there took the forward ~6%
-// longer (paired runs).
+// result as pack_columns on the matrix's rows, but read from its panels, each a contiguous (rows, kPanel) band that
+// gives kPanel rows of every output panel. Attention's v rows lie a whole token's q, k and v apart (6 KB at 4 heads
+// of 128), and transposing them from there took the forward ~6% longer (paired runs).
 void pack_columns_from_panels(const float* panels, int64_t rows, int64_t cols, float* dst) {
-  for (int64_t j = 0; j < rows; j += kPanel) {
-    const int64_t width = std::min(kPanel, rows - j);
-    float* panel = dst + j * cols;
-    if (width < kPanel) {
-      std::fill(panel, panel + cols * kPanel, 0.0f);
-    }
-    for (int64_t p = 0; p < cols; p += kPanel) {
-      transpose_into(panels + p * rows + j * kPanel, width, std::min(kPanel, cols - p), kPanel, panel + p * kPanel,
-                     kPanel);
-    }
+  for (int64_t p = 0; p < cols; p += kPanel) {
+    pack_columns(panels + p * rows, std::min(kPanel, cols - p), rows, kPanel, dst + p * kPanel, cols * kPanel);
   }
 }
 
