@@ -86,6 +86,7 @@ class Device:
     def __init__(self, kind: str, module: Optional[ModuleType] = None) -> None:
         self.kind = kind
         self.module = module  # torch.cuda / torch.npu; None on CPU
+        self.huge_pages = False  # whether prepare_process got large CPU blocks advised onto huge pages
 
     # ---- identity -------------------------------------------------------------------------------------------
 
@@ -162,11 +163,13 @@ class Device:
     # ---- process set-up -------------------------------------------------------------------------------------
 
     def prepare_process(self) -> None:
-        """Process-wide set-up before a model is built. On CPU: keep freed heap memory for reuse, and build (once
-        per machine) or load the fused fp32 kernels, so that a failed build stops the run here, before training."""
+        """Process-wide set-up before a model is built. On CPU: keep freed heap memory for reuse, put large blocks
+        on huge pages, and build (once per machine) or load the fused fp32 kernels, so that a failed build stops the
+        run here, before training."""
         if self.module is not None:
             return
         keep_freed_heap()
+        self.huge_pages = advise_huge_pages()
         from models.cpu_native import NativeKernelError, load
 
         try:
@@ -178,7 +181,8 @@ class Device:
         if self.module is None:
             from models.cpu_native import description
 
-            return f"Device(cpu, backend=gloo, fp32 ops: {description()})"
+            pages = ", blocks of 2 MB and more on huge pages" if self.huge_pages else ""
+            return f"Device(cpu, backend=gloo, fp32 ops: {description()}{pages})"
         return f"Device({self.kind}, backend={self.backend})"
 
 
@@ -207,6 +211,55 @@ def keep_freed_heap() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
+
+
+# PyTorch's CPU allocator advises MADV_HUGEPAGE on blocks of at least 2 MB when this is set (c10/core/impl/alloc_cpu).
+_THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+_THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_HUGE_PAGE_BYTES = 2 * 1024 * 1024
+
+
+def advise_huge_pages() -> bool:
+    """Have PyTorch's CPU allocator put blocks of 2 MB and more on transparent huge pages (2 MB) where the kernel
+    offers them on request (its THP mode `madvise` or `always`).
+
+    A CPU training step streams activations and gradients of 8-50 MB each; on 4 KB pages each such operand spans
+    thousands of TLB entries. In the trunk benchmark's step (two processes, one with this, stepping in turn, 30-40
+    rounds) it took 0.979 and 0.984 of the time at head width 128 and 0.996 at 64, on a host whose THP mode is
+    `madvise`; the square matmuls that the step is measured against ran as fast either way.
+    PyTorch reads its switch once, at the process's first CPU allocation, so this has effect only when called before
+    any tensor exists (`python -m train` calls it first thing); the user's own THP_MEM_ALLOC_ENABLE is left as it
+    is. Returns whether a 2 MB block allocated now is advised, read back from the kernel's view of its mapping.
+    """
+    if _THP_VARIABLE not in os.environ and _kernel_offers_huge_pages():
+        os.environ[_THP_VARIABLE] = "1"
+    return _advised_onto_huge_pages(torch.empty(_HUGE_PAGE_BYTES, dtype=torch.uint8))
+
+
+def _kernel_offers_huge_pages() -> bool:
+    try:
+        with open(_THP_MODE_FILE, encoding="ascii") as mode_file:
+            mode = mode_file.read()  # e.g. "always [madvise] never": the bracketed one is in force
+    except OSError:  # not Linux, or a kernel built without THP
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def _advised_onto_huge_pages(block: torch.Tensor) -> bool:
+    """Whether the mapping that holds `block` carries MADV_HUGEPAGE ("hg" among its VmFlags in /proc/self/smaps)."""
+    address, mapping = block.data_ptr(), None
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):  # "start-end perms ..." opens a mapping's entry
+                    start, end = (int(bound, 16) for bound in head.split("-"))
+                    mapping = start <= address < end
+                elif mapping and head == "VmFlags:":
+                    return "hg" in line.split()[1:]
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _import_torch_npu() -> ModuleType:

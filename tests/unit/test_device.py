@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.device import DeviceError, lookup_peak_flops, resolve_device
+from launch.device import DeviceError, _kernel_offers_huge_pages, lookup_peak_flops, resolve_device
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,3 +122,32 @@ def test_cpu_runs_keep_freed_heap_memory_instead_of_faulting_it_in_again():
 
     assert run("keep") == ("True", 0)
     assert run("keep", MALLOC_TRIM_THRESHOLD_="1000000")[0] == "False"  # the user's own malloc settings win
+
+
+_HUGE_PAGES = """
+import sys
+import torch
+from launch.device import _advised_onto_huge_pages, resolve_device
+if sys.argv[1] == "late":
+    torch.ones(4)  # PyTorch has read its allocator switch by now
+device = resolve_device("cpu")
+device.prepare_process()
+activation = torch.ones(3 * 1024 * 1024)  # 12 MB, like a step's operands
+print(device.huge_pages, _advised_onto_huge_pages(activation))
+"""
+
+
+@pytest.mark.skipif(not _kernel_offers_huge_pages(), reason="this kernel offers no transparent huge pages")
+def test_cpu_runs_put_large_blocks_on_huge_pages_and_report_when_they_could_not():
+    # Without the variable that this process may have set on itself: a set-up in this process (other tests) sets it.
+    inherited = {name: value for name, value in os.environ.items() if name != "THP_MEM_ALLOC_ENABLE"}
+
+    def run(when: str, **env: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-c", _HUGE_PAGES, when], cwd=REPO, capture_output=True, text=True,
+                                env={**inherited, "PYTHONPATH": str(REPO), **env}, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert run("first") == ["True", "True"]
+    assert run("late") == ["False", "False"]  # set up after a tensor existed: no effect, and it says so
+    assert run("first", THP_MEM_ALLOC_ENABLE="0") == ["False", "False"]  # the user's own setting wins
