@@ -7,14 +7,15 @@
    speed drifts by up to 30% within seconds, so both sides are measured alike: each round times one model step
    between two windows of back-to-back matmuls that together last about as long as the step, and the round's
    fraction is the step's rate over the windows' mean rate. The median over rounds is the figure. Reported beside
-   it: the fraction of the fastest single matmul seen in those windows (a burst rate that a 2.7 s step never
+   it: the fraction of the fastest single matmul seen in those windows (a burst rate that a ~1 s step never
    sees), and, eager, `fraction_if_only_matmuls`: the step's own matmuls replayed alone, the most this figure
    can reach at the model's shapes however little the rest costs (the C++ attention calls are replayed whole: their
    batched matmuls run inside them, beside their softmax and layout passes). Measured eager and with
    `parallel.compile=true` (each block compiled, as the trainer does), with 4 heads of 128 (the head width of
    every Llama 3 size) and, eager, 8 heads of 64: narrower heads make attention's matmuls less efficient.
    The process is set up as `python -m train` sets it up (`Device.prepare_process`: glibc keeps freed memory,
-   the fused CPU kernels are built or loaded).
+   blocks of 2 MB and more go on huge pages (`huge_pages` in the figures says whether they did), the fused CPU
+   kernels are built or loaded).
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
    alternating the two, five rounds of 10 steps each (with three rounds, runs on this host on 2026-12-03 read from
@@ -146,7 +147,8 @@ def _fresh_like(value: Any, operands: dict[tuple[Any, ...], torch.Tensor]) -> An
 
 def model_flop_rate(head_dim: int, compile_blocks: bool = False, rounds: int = 7) -> dict[str, float]:
     """One model step per round, between two matmul windows; see the module docstring."""
-    resolve_device("cpu").prepare_process()
+    device = resolve_device("cpu")
+    device.prepare_process()
     cfg = _config(head_dim)
     model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=0)
     if compile_blocks:
@@ -191,6 +193,7 @@ def model_flop_rate(head_dim: int, compile_blocks: bool = False, rounds: int = 7
     return {
         "heads": cfg.model.n_heads,
         "compiled": compile_blocks,
+        "huge_pages": device.huge_pages,
         "warmup_s": warmup_s,
         "tokens_per_s": BATCH * SEQ_LEN / step_time,
         "model_flops_per_s": flops_per_step / step_time,
