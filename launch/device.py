@@ -228,8 +228,9 @@ def advise_huge_pages() -> bool:
     rounds) it took 0.979 and 0.984 of the time at head width 128 and 0.996 at 64, on a host whose THP mode is
     `madvise`; the square matmuls that the step is measured against ran as fast either way.
     PyTorch reads its switch once, at the process's first CPU allocation, so this has effect only when called before
-    any tensor exists (`python -m train` calls it first thing); the user's own THP_MEM_ALLOC_ENABLE is left as it
-    is. Returns whether a 2 MB block allocated now is advised, read back from the kernel's view of its mapping.
+    any tensor exists (`python -m train` calls it before it builds anything); the user's own THP_MEM_ALLOC_ENABLE
+    is left as it is. Returns whether a 2 MB block allocated now is advised, read back from the kernel's view of
+    its mapping.
     """
     if _THP_VARIABLE not in os.environ and _kernel_offers_huge_pages():
         os.environ[_THP_VARIABLE] = "1"

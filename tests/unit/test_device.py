@@ -93,6 +93,15 @@ def test_hccl_timeouts_follow_config_within_cann_ranges():
     assert backend_environment(resolve_device("cpu"), 600, 1800) == {}
 
 
+def _python_output(snippet: str, argument: str, **env: str) -> list[str]:
+    """What `snippet` prints, run as a fresh Python process that imports this repository (process-wide set-up such
+    as malloc's and PyTorch's allocator switches can only be seen from a process of its own)."""
+    result = subprocess.run([sys.executable, "-c", snippet, argument], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 _REFAULTS = """
 import resource, sys
 import torch
@@ -115,9 +124,7 @@ def test_cpu_runs_keep_freed_heap_memory_instead_of_faulting_it_in_again():
     the setting glibc sometimes trims the freed top and faults it in again, sometimes not, by heap layout: the
     trunk benchmark's model measured 4k-22k faults a step at batch 4 and 14k-106k at batch 8, and ~0 with it.)"""
     def run(mode: str, **env: str) -> tuple[str, int]:
-        result = subprocess.run([sys.executable, "-c", _REFAULTS, mode], cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=120)
-        applied, faults = result.stdout.split()
+        applied, faults = _python_output(_REFAULTS, mode, **env)
         return applied, int(faults)
 
     assert run("keep") == ("True", 0)
@@ -138,16 +145,11 @@ print(device.huge_pages, _advised_onto_huge_pages(activation))
 
 
 @pytest.mark.skipif(not _kernel_offers_huge_pages(), reason="this kernel offers no transparent huge pages")
-def test_cpu_runs_put_large_blocks_on_huge_pages_and_report_when_they_could_not():
-    # Without the variable that this process may have set on itself: a set-up in this process (other tests) sets it.
-    inherited = {name: value for name, value in os.environ.items() if name != "THP_MEM_ALLOC_ENABLE"}
-
-    def run(when: str, **env: str) -> list[str]:
-        result = subprocess.run([sys.executable, "-c", _HUGE_PAGES, when], cwd=REPO, capture_output=True, text=True,
-                                env={**inherited, "PYTHONPATH": str(REPO), **env}, timeout=120)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.split()
-
-    assert run("first") == ["True", "True"]
-    assert run("late") == ["False", "False"]  # set up after a tensor existed: no effect, and it says so
-    assert run("first", THP_MEM_ALLOC_ENABLE="0") == ["False", "False"]  # the user's own setting wins
+def test_cpu_runs_put_large_blocks_on_huge_pages_and_report_when_they_could_not(monkeypatch):
+    # Without the variable that a set-up in this process (other tests) may have put in its environment.
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert _python_output(_HUGE_PAGES, "first") == ["True", "True"]
+    # Set up after a tensor existed: no effect, and it says so.
+    assert _python_output(_HUGE_PAGES, "late") == ["False", "False"]
+    # The user's own setting wins.
+    assert _python_output(_HUGE_PAGES, "first", THP_MEM_ALLOC_ENABLE="0") == ["False", "False"]
