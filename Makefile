@@ -1,17 +1,18 @@
 # Two entry points: `make train` and `make test`. Both create .venv on first use.
 # torch==2.13.0 is installed first so that pip takes the local CPU wheel instead of a multi-GB CUDA build.
+# The venv gets every extra (DeepSpeed, plotting) so that the whole suite runs; `make test-fast` runs the unit tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench plan clean
+.PHONY: setup train test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deepspeed,plot]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,6 +22,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "unit and not slow" $(ARGS)
 
 bench: setup
 	$(PY) -m bench $(ARGS)

@@ -14,8 +14,8 @@
    `parallel.compile=true` (each block compiled, as the trainer does), with 4 heads of 128 (the head width of
    every Llama 3 size) and, eager, 8 heads of 64: narrower heads make attention's matmuls less efficient.
    The process is set up as `python -m train` sets it up (`Device.prepare_process`: glibc keeps freed memory,
-   blocks of 2 MB and more go on huge pages (`huge_pages` in the figures says whether they did), the fused CPU
-   kernels are built or loaded).
+   blocks of 2 MB and more go on huge pages (`huge_pages` in the figures says whether they did); then
+   `models.kernels.prepare_kernels` builds or loads the fused CPU kernels).
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
    alternating the two, five rounds of 10 steps each (with three rounds, runs on this host on 2026-12-03 read from
@@ -31,10 +31,12 @@ from typing import Any, Callable
 import torch
 
 from launch.device import resolve_device
-from models.config import flops_per_token
+from models.counts import flops_per_token
 from models.cpu_linear import LINEAR_OP, matmul_kernels
 from models.cpu_native import matmul_ops
-from models.transformer import build_model, materialize
+from models.kernels import prepare_kernels
+from models.transformer import build_model
+from parallel.materialize import materialize
 
 D_MODEL = 512
 MODEL = [
@@ -149,6 +151,7 @@ def model_flop_rate(head_dim: int, compile_blocks: bool = False, rounds: int = 7
     """One model step per round, between two matmul windows; see the module docstring."""
     device = resolve_device("cpu")
     device.prepare_process()
+    prepare_kernels(device.kind)
     cfg = _config(head_dim)
     model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=0)
     if compile_blocks:

@@ -8,7 +8,6 @@ that), so adding a device means adding one entry here.
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib
 import importlib.util
 import os
@@ -16,11 +15,11 @@ import resource
 import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 
 CPU, CUDA, NPU = "cpu", "cuda", "npu"
 DEVICE_KINDS = ("auto", CPU, CUDA, NPU)
@@ -61,16 +60,17 @@ def lookup_peak_flops(device_name: str) -> Optional[PeakFlops]:
     return None
 
 
-@functools.lru_cache(maxsize=4)
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 10) -> float:
-    """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s), over every
-    matmul the model may run in `dtype` (torch.mm, and oneDNN's for fp32: models/cpu_linear.py)."""
-    from models.cpu_linear import matmul_kernels
+MatmulKernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+def measure_matmul_flops(kernels: Iterable[MatmulKernel] = (torch.mm,), dtype: torch.dtype = torch.float32,
+                         size: int = 1024, repeats: int = 10) -> float:
+    """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s), over `kernels`
+    (each (a, b) -> a product with the FLOPs of a @ b; the model's own: models.kernels.matmul_kernels)."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     best = float("inf")
-    for kernel in matmul_kernels(dtype).values():
+    for kernel in kernels:
         for _ in range(2):  # warm-up: the first calls pay for allocation and kernel selection (oneDNN's JIT)
             kernel(a, b)
         for _ in range(repeats):
@@ -148,11 +148,13 @@ class Device:
         """Autocast context for the forward pass; a no-op context when dtype is None (full fp32)."""
         return torch.autocast(device_type=self.kind, dtype=dtype, enabled=dtype is not None)
 
-    def peak_flops(self, dtype: torch.dtype = torch.bfloat16) -> PeakFlops:
-        """Peak that MFU divides by. Accelerators: the datasheet dense BF16 figure. CPU: a measured matmul rate in
-        the training dtype, since no datasheet number is meaningful for an arbitrary CPU and thread count."""
+    def peak_flops(self, dtype: torch.dtype = torch.bfloat16,
+                   cpu_matmuls: Iterable[MatmulKernel] = (torch.mm,)) -> PeakFlops:
+        """Peak that MFU divides by. Accelerators: the datasheet dense BF16 figure. CPU: the best measured rate of
+        `cpu_matmuls` in the training dtype, since no datasheet number is meaningful for an arbitrary CPU and
+        thread count."""
         if self.module is None:
-            rate = measure_matmul_flops(dtype)
+            rate = measure_matmul_flops(cpu_matmuls, dtype)
             return PeakFlops(rate, f"measured {dtype} 1024^3 matmul on this CPU (best library), "
                                    f"{torch.get_num_threads()} threads")
         peak = lookup_peak_flops(self.name())
@@ -163,27 +165,16 @@ class Device:
     # ---- process set-up -------------------------------------------------------------------------------------
 
     def prepare_process(self) -> None:
-        """Process-wide set-up before a model is built. On CPU: keep freed heap memory for reuse, put large blocks
-        on huge pages, and build (once per machine) or load the fused fp32 kernels, so that a failed build stops the
-        run here, before training."""
+        """Process-wide set-up before any tensor exists. On CPU: keep freed heap memory for reuse and put large
+        blocks on huge pages, as an accelerator's caching allocator would."""
         if self.module is not None:
             return
         keep_freed_heap()
         self.huge_pages = advise_huge_pages()
-        from models.cpu_native import NativeKernelError, load
-
-        try:
-            load()
-        except NativeKernelError as error:
-            raise DeviceError(str(error)) from None
 
     def __repr__(self) -> str:
-        if self.module is None:
-            from models.cpu_native import description
-
-            pages = ", blocks of 2 MB and more on huge pages" if self.huge_pages else ""
-            return f"Device(cpu, backend=gloo, fp32 ops: {description()}{pages})"
-        return f"Device({self.kind}, backend={self.backend})"
+        pages = ", blocks of 2 MB and more on huge pages" if self.huge_pages else ""
+        return f"Device({self.kind}, backend={self.backend}{pages})"
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -284,12 +275,6 @@ def resolve_device(kind: str = "auto") -> Device:
     """Device for `kind`; `auto` prefers npu, then cuda, then cpu."""
     if kind not in DEVICE_KINDS:
         raise DeviceError(f"device.type={kind!r} is not one of {', '.join(DEVICE_KINDS)}")
-    from models.cpu_linear import LINEAR_ROUTE_ERROR
-    from models.cpu_native import ROUTE_ERROR as KERNEL_ROUTE_ERROR
-
-    for route_error in (LINEAR_ROUTE_ERROR, KERNEL_ROUTE_ERROR):
-        if route_error is not None:
-            raise DeviceError(route_error)
     if kind == "auto":
         if _npu_installed():
             try:

@@ -3,7 +3,7 @@
 The clean exit matters on CPU: after DTensor, FSDP2, DCP or autograd all-to-all work, a gloo worker thread can
 abort the interpreter during shutdown (SIGABRT, "terminate called without an active exception"), so a good run
 would be reported as failed. Ending each rank with a barrier, destroying the process group, flushing and leaving
-through os._exit avoids it (measured: 0 failures in 44 runs; see ../shared/PLATFORM.md).
+through os._exit avoids it (0 aborts in 44 runs, against 20-80% of runs without it).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import AttentionKind, ModelConfig
+from configs.schema import AttentionKind, ModelConfig
+from models.mla import MultiHeadLatentAttention
 from models.ops import Linear, causal_attention, project, rope_tables
 
 
@@ -35,7 +36,5 @@ class GroupedQueryAttention(nn.Module):
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
     if cfg.attention == AttentionKind.mla:
-        from models.mla import MultiHeadLatentAttention
-
         return MultiHeadLatentAttention(cfg)
     return GroupedQueryAttention(cfg)

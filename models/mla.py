@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig
+from configs.schema import ModelConfig
 from models.ops import Linear, RMSNorm, apply_rope, causal_attention, rope_tables
 
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import Activation, ModelConfig, ScoreFn
+from configs.schema import Activation, ModelConfig, ScoreFn
+from models.feed_forward import FeedForward
 from models.ops import Linear, grouped_mm, swiglu
-from models.transformer import FeedForward, canonical_name
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -147,17 +147,21 @@ def _recomputing() -> bool:
 
 
 class MoE(nn.Module):
-    """Shared experts plus top-k routed fine-grained experts. Input and output (batch, seq, d_model)."""
+    """Shared experts plus top-k routed fine-grained experts. Input and output (batch, seq, d_model).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `aux_loss_scale`: d(loss that enters backward)/d(one forward's loss), fixed by how the training loop combines
+    micro-batches (1 / micro-batches when it averages losses before backward, 1 when it divides gradients after);
+    the auxiliary balance loss's gradient is scaled by it so that it trains as if added to the main loss.
+    """
+
+    def __init__(self, cfg: ModelConfig, aux_loss_scale: float = 1.0) -> None:
         super().__init__()
         self.n_experts = cfg.n_routed_experts
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.moe.capacity_factor
         self.aux_loss_coef = cfg.moe.aux_loss_coef
         self.bias_update_rate = cfg.moe.bias_update_rate
-        # d(total loss)/d(main loss) per micro-batch, set by the engine (1 / micro-batches) via set_aux_loss_scale.
-        self.aux_loss_scale = 1.0
+        self.aux_loss_scale = aux_loss_scale
         # Off while a forward is not training data (a pipeline stage's shape-inference pass): see suspend_statistics.
         self.record_statistics = True
 
@@ -235,12 +239,13 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
-    """The model's MoE blocks keyed by layer index ("3"); by module name ("block" for a bare block) otherwise."""
+    """The model's MoE blocks keyed by layer index ("3"), whatever wrappers surround them; by module name ("block"
+    for a bare block) otherwise."""
     found: dict[str, MoE] = {}
     for name, module in model.named_modules():
         if isinstance(module, MoE):
-            match = _LAYER.search(canonical_name(name) + ".")
-            found[match.group(1) if match else canonical_name(name) or "block"] = module
+            match = _LAYER.search(name + ".")
+            found[match.group(1) if match else name or "block"] = module
     return found
 
 
@@ -262,14 +267,6 @@ def suspend_statistics_for_next_forward(model: nn.Module) -> None:
 
     pre = model.register_forward_pre_hook(suspend)
     post = model.register_forward_hook(resume)
-
-
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Scale of the auxiliary-loss gradient per forward: what the main loss of one micro-batch is multiplied by
-    before backward (1 / number of micro-batches when the engine averages them; 1 when the schedule scales the
-    gradients itself, as torch.distributed.pipelining does)."""
-    for block in moe_layers(model).values():
-        block.aux_loss_scale = scale
 
 
 @torch.no_grad()

@@ -1,26 +1,25 @@
-"""Parallel degrees: validated against the world size and the model before any process group exists, then turned
-into one named DeviceMesh.
+"""Parallel degrees: validated against the world size, the model and the batch (by the rules the planner uses too,
+parallel/rules.py) before any process group exists, then turned into one named DeviceMesh.
 
-Mesh dimensions, outermost first: pp, dp_replicate, efsdp, ep, cp, tp, where dp_shard = efsdp x ep: expert
-parallelism is carved out of the data-parallel shard dimension (DeepSeek / torchtitan convention), and `efsdp`
-counts the ranks that hold the same experts. Flattened views: `dp_shard` (efsdp x ep), `dp` (dp_replicate x dp_shard:
-the ranks that split the batch), `dp_shard_cp` (what FSDP shards over when context parallel is on), `pp_dp` (the
-ranks whose loss shares add up to the global loss under a pipeline).
+Mesh dimensions, outermost first (parallel.layout.MESH_DIMS): pp, dp_replicate, efsdp, ep, cp, tp, where
+dp_shard = efsdp x ep: expert parallelism is carved out of the data-parallel shard dimension (DeepSeek / torchtitan
+convention), and `efsdp` counts the ranks that hold the same experts. Flattened views: `dp_shard` (efsdp x ep), `dp`
+(dp_replicate x dp_shard: the ranks that split the batch), `dp_shard_cp` (what FSDP shards over when context parallel
+is on), `pp_dp` (the ranks whose loss shares add up to the global loss under a pipeline).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
-from models.config import ConfigError, ModelConfig
+from configs.errors import ConfigError
+from configs.schema import ModelConfig, ParallelConfig, TrainConfig
+from parallel.layout import MESH_DIMS, Layout
+from parallel.rules import layout_problem
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-    from train.config import ParallelConfig, TrainConfig
-
-MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
 
 
 class LayoutError(ConfigError):
@@ -42,10 +41,9 @@ class ParallelDims:
 
     @classmethod
     def from_config(
-        cls, cfg: "ParallelConfig", world_size: int, model: Optional[ModelConfig] = None,
-        train: Optional["TrainConfig"] = None,
+        cls, cfg: ParallelConfig, world_size: int, model: ModelConfig, train: TrainConfig
     ) -> "ParallelDims":
-        """Resolve dp_shard=-1 and check everything that can be checked without a process group."""
+        """Resolve dp_shard=-1 and check every rule of parallel/rules.py, all without a process group."""
         fixed = cfg.dp_replicate * cfg.cp * cfg.tp * cfg.pp
         dp_shard = cfg.dp_shard
         if dp_shard == -1:
@@ -56,11 +54,16 @@ class ParallelDims:
                 )
             dp_shard = world_size // fixed
         dims = cls(cfg.dp_replicate, dp_shard, cfg.cp, cfg.tp, cfg.pp, cfg.vpp, cfg.ep, world_size)
-        dims._check_world()
-        if model is not None:
-            dims._check_model(model)
-        if train is not None:
-            dims._check_batch(train)
+        product = dp_shard * fixed
+        if product != world_size:
+            dims._fail(
+                f"the product {product} is not the world size",
+                "make dp_replicate*dp_shard*cp*tp*pp equal the number of processes (dp_shard=-1 fills the rest)",
+            )
+        problem = layout_problem(Layout.of(cfg, dp_shard, train.micro_batch), model, train.global_batch,
+                                 cfg.pp_layers)
+        if problem is not None:
+            dims._fail(problem.what, problem.fix)
         return dims
 
     def _describe(self) -> str:
@@ -68,49 +71,6 @@ class ParallelDims:
 
     def _fail(self, problem: str, fix: str) -> None:
         raise LayoutError(f"{self._describe()}, WORLD_SIZE={self.world_size}: {problem}: {fix}")
-
-    def _check_world(self) -> None:
-        product = self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
-        if product != self.world_size:
-            self._fail(
-                f"the product {product} is not the world size",
-                "make dp_replicate*dp_shard*cp*tp*pp equal the number of processes (dp_shard=-1 fills the rest)",
-            )
-        if self.ep > 1 and self.dp_shard % self.ep:
-            self._fail(f"ep={self.ep} does not divide dp_shard={self.dp_shard}",
-                       "experts are sharded over the data-parallel shard ranks: pick ep dividing dp_shard")
-        if self.vpp > 1 and self.pp == 1:
-            self._fail(f"vpp={self.vpp} needs pipeline parallelism", "set pp > 1 or vpp=1")
-
-    def _check_model(self, model: ModelConfig) -> None:
-        if self.tp > 1:
-            for key in ("n_heads", "ffn_hidden", "vocab_size"):
-                value = getattr(model, key)
-                if value % self.tp:
-                    self._fail(f"tp={self.tp} does not divide {key}={value}", f"pick tp dividing {key}")
-            if model.is_moe and model.moe_ffn_hidden % self.tp:
-                self._fail(f"tp={self.tp} does not divide moe_ffn_hidden={model.moe_ffn_hidden}",
-                           "pick tp dividing moe_ffn_hidden")
-        stages = self.pp * self.vpp
-        if stages > model.n_layers:
-            self._fail(f"pp*vpp={stages} stages exceed n_layers={model.n_layers}", "lower pp or vpp")
-        if self.pp > 1 and model.tie_embeddings:
-            self._fail("tied embeddings cannot be split across pipeline stages", "set model.tie_embeddings=false")
-        if self.ep > 1:
-            if not model.is_moe:
-                self._fail(f"ep={self.ep} needs an MoE model ({model.name} is dense)", "set ep=1")
-            if model.n_routed_experts % self.ep:
-                self._fail(f"ep={self.ep} does not divide n_routed_experts={model.n_routed_experts}",
-                           "pick ep dividing the number of routed experts")
-
-    def _check_batch(self, train: "TrainConfig") -> None:
-        per_step = self.dp * train.micro_batch
-        if train.global_batch % per_step:
-            self._fail(
-                f"train.global_batch={train.global_batch} is not a multiple of dp*micro_batch="
-                f"{self.dp}*{train.micro_batch}={per_step}",
-                "change train.global_batch or train.micro_batch",
-            )
 
     # ---- derived degrees ------------------------------------------------------------------------------------
 
@@ -124,7 +84,7 @@ class ParallelDims:
         """Data-parallel ranks holding the same experts: the shard dimension left after expert parallelism."""
         return self.dp_shard // self.ep
 
-    def grad_accumulation(self, train: "TrainConfig") -> int:
+    def grad_accumulation(self, train: TrainConfig) -> int:
         """Micro-batches each data-parallel rank runs per optimizer step."""
         return train.global_batch // (self.dp * train.micro_batch)
 

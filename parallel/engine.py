@@ -1,6 +1,11 @@
-"""A training engine owns the (parallelized) model, its optimizer and LR schedule, and runs one optimizer step over
-a list of micro-batches. The trainer talks only to this interface, so DDP, FSDP2, TP, PP and DeepSpeed differ
-here and not in the loop.
+"""A training engine owns the parallelized model and its optimizers, and runs one optimizer step over a list of
+micro-batches. The loop (train/trainer.py) talks only to the `Engine` protocol: a step, its metrics, evaluation and
+checkpoint state. So DDP, FSDP2, TP, PP and DeepSpeed differ here and not in the loop.
+
+The loop owns the training recipe: it hands in how to build an optimizer for a module (one per pipeline stage) and
+gives every step its learning rate, so the schedule is a function of the step alone and nothing but the optimizer
+state needs checkpointing. What all engines share (the loss, evaluation, reductions over ranks, MoE balancing after
+each optimizer step) is `EngineBase`; DeepSpeed (parallel/deepspeed.py) builds on it too.
 """
 
 from __future__ import annotations
@@ -8,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -18,41 +24,43 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from launch.device import Device
-from models.moe import set_aux_loss_scale, suspend_statistics_for_next_forward, update_load_balance
-from train.config import OptimConfig
-from train.optim import build_optimizer, build_scheduler, restore_scheduler
+from models.moe import suspend_statistics_for_next_forward, update_load_balance
+from parallel.expert import expert_parameters
+from parallel.pipeline import PipelinePlan, forward_only_losses
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len)
+# Builds the optimizer for one module (the whole model, or one pipeline stage); supplied by the trainer.
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one optimizer step leaves, still on the device (reading it needs no host sync until it is logged)."""
+
+    # This rank's share of the global-batch mean loss: the shares of the loss ranks add up to it.
+    loss_share: torch.Tensor
+    # Norm of all gradients before clipping, as if the model were on one device.
+    grad_norm: torch.Tensor
 
 
 class Engine(Protocol):
     kind: str
-    model: nn.Module
 
-    def train_step(self, batches: list[Batch], grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over every micro-batch, clip, step. Returns (this rank's loss share, grad norm):
-        the loss share summed over the ranks of `loss_group` is the global-batch mean loss."""
+    def train_step(self, batches: list[Batch], lr: float, grad_clip: float) -> StepOutput:
+        """Forward and backward over this rank's micro-batches, clip to grad_clip (0: off), step at `lr`."""
 
-    def eval_loss(self, batches: list[Batch]) -> torch.Tensor: ...
+    def step_metrics(self, output: StepOutput) -> dict[str, Any]:
+        """The step's global loss, gradient norm and MoE expert load. A collective: every rank calls it."""
 
-    def reduce_loss(self, local: torch.Tensor) -> float: ...
-
-    def lr(self) -> float: ...
+    def evaluate(self, batches: list[Batch]) -> float:
+        """Mean loss of the global batch whose micro-batches on this rank are `batches`. A collective."""
 
     def save(self, folder: Path) -> None: ...
 
     def load(self, folder: Path) -> None: ...
 
-    def extra_state(self) -> dict[str, Any]: ...
-
-    def load_extra_state(self, state: dict[str, Any]) -> None: ...
-
-    def checkpoint_info(self) -> dict[str, Any]: ...
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def routing_metrics(self) -> dict[str, Any]:
-        """MoE expert load of the last step (empty for a dense model); a collective under pipelines."""
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint must match to load under this engine (recorded in its commit marker)."""
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,11 +120,18 @@ def clip_grad_norm_(
     return total
 
 
-class NativeEngine:
-    """Plain torch modules and optimizers; DDP / FSDP2 / TP wrappers are applied to the model before it gets here.
+def set_learning_rate(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
-    The model may come in parts (a pipeline rank's stages), each with its own optimizer; the parts' state dicts
-    are merged under their canonical parameter names, so checkpoints do not depend on how the model was cut.
+
+class EngineBase:
+    """What every engine shares: the loss of a micro-batch, evaluation, sums over ranks, and the MoE balancing hook
+    that runs once after each optimizer step.
+
+    `loss_group`: the ranks whose loss shares add up to the global loss (data-parallel, and pipeline, ranks);
+    `data_group`: the ranks that see different tokens, over which MoE token counts add up. None = this process alone.
     """
 
     kind = "native"
@@ -124,31 +139,20 @@ class NativeEngine:
     def __init__(
         self,
         parts: list[nn.Module],
-        optim_cfg: OptimConfig,
-        total_steps: int,
         device: Device,
+        torch_device: torch.device,
         autocast_dtype: Optional[torch.dtype],
         loss_group: Optional[dist.ProcessGroup] = None,
-        vocab_parallel_loss: bool = False,
-        stage_group: Optional[dist.ProcessGroup] = None,
         data_group: Optional[dist.ProcessGroup] = None,
-        expert_grad_divisor: int = 1,
+        vocab_parallel_loss: bool = False,
     ) -> None:
         self.parts = parts
-        self.optimizers = [build_optimizer(part, optim_cfg) for part in parts]
-        self.schedulers = [build_scheduler(opt, optim_cfg, total_steps) for opt in self.optimizers]
         self.device = device
+        self.torch_device = torch_device
         self.autocast_dtype = autocast_dtype
-        # Ranks whose loss shares add up to the global loss (data-parallel, and pipeline, ranks); None = alone.
         self.loss_group = loss_group
-        # Pipeline ranks: each holds different parameters, so gradient norms add across them.
-        self.stage_group = stage_group
-        # Ranks that see different tokens (data parallel): MoE token counts add up across them.
         self.data_group = data_group
         self._routing_metrics: dict[str, Any] = {}
-        # Expert-parallel gradients arrive summed over the ep group (parallel/expert.py): divide them by ep.
-        self.expert_grad_divisor = expert_grad_divisor
-        self.torch_device = next(parts[0].parameters()).device
         # Under TP the logits stay sharded over the vocabulary; loss_parallel computes the loss (and its backward)
         # from the shards without gathering them.
         self.loss_context = _loss_parallel if vocab_parallel_loss else contextlib.nullcontext
@@ -161,11 +165,92 @@ class NativeEngine:
         for part in self.parts:
             yield from part.parameters()
 
+    # ---- loss and evaluation --------------------------------------------------------------------------------
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+    def _train_mode(self, training: bool) -> None:
+        for part in self.parts:
+            part.train(training)
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = (t.to(self.torch_device, non_blocking=True) for t in batch)
         with self.device.autocast(self.autocast_dtype):
-            logits = self.model(inputs)
+            logits = self._forward(inputs)
         return token_cross_entropy(logits, targets)
+
+    def _loss_ranks(self) -> int:
+        """Ranks holding a loss share."""
+        return dist.get_world_size(self.loss_group) if self.loss_group is not None else 1
+
+    def _sum_over(self, value: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        if group is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=group)  # SUM: gloo has no AVG
+        return value
+
+    @torch.no_grad()
+    def _eval_loss_share(self, batches: list[Batch]) -> torch.Tensor:
+        self._train_mode(False)
+        total = torch.zeros((), device=self.torch_device)
+        with self.loss_context():
+            for batch in batches:
+                total += _plain(self._loss(batch))
+        return total / (len(batches) * self._loss_ranks())
+
+    def evaluate(self, batches: list[Batch]) -> float:
+        return float(self._sum_over(self._eval_loss_share(batches), self.loss_group))
+
+    # ---- after each optimizer step --------------------------------------------------------------------------
+
+    def _after_optimizer_step(self) -> None:
+        """The one hook into the model after an optimizer step: MoE expert biases move towards even load, from
+        token counts summed over the data-parallel ranks (identically on every replica)."""
+        self._routing_metrics = {}
+        for part in self.parts:
+            self._routing_metrics.update(update_load_balance(part, self._sum_over_data_ranks))
+
+    def _sum_over_data_ranks(self, stats: torch.Tensor) -> torch.Tensor:
+        return self._sum_over(stats, self.data_group)
+
+    def _routing(self) -> dict[str, Any]:
+        return self._routing_metrics
+
+    def step_metrics(self, output: StepOutput) -> dict[str, Any]:
+        return {
+            "loss": float(self._sum_over(output.loss_share.detach(), self.loss_group)),
+            "grad_norm": float(output.grad_norm),
+            **self._routing(),
+        }
+
+
+class NativeEngine(EngineBase):
+    """Plain torch modules and optimizers; DDP / FSDP2 / TP wrappers are applied to the model before it gets here.
+
+    The model may come in parts (a pipeline rank's stages), each with its own optimizer; the parts' state dicts
+    are merged under their canonical parameter names, so checkpoints do not depend on how the model was cut.
+    `expert_grad_divisor`: expert-parallel gradients arrive summed over the ep group (parallel/expert.py) and are
+    divided by it. `stage_group`: pipeline ranks, whose gradient norms add up.
+    """
+
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        make_optimizer: OptimizerFactory,
+        device: Device,
+        autocast_dtype: Optional[torch.dtype],
+        loss_group: Optional[dist.ProcessGroup] = None,
+        data_group: Optional[dist.ProcessGroup] = None,
+        vocab_parallel_loss: bool = False,
+        stage_group: Optional[dist.ProcessGroup] = None,
+        expert_grad_divisor: int = 1,
+    ) -> None:
+        torch_device = next(parts[0].parameters()).device
+        super().__init__(parts, device, torch_device, autocast_dtype, loss_group, data_group, vocab_parallel_loss)
+        self.optimizers = [make_optimizer(part) for part in parts]
+        self.stage_group = stage_group
+        self.expert_grad_divisor = expert_grad_divisor
 
     def _no_grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
@@ -174,7 +259,8 @@ class NativeEngine:
         return contextlib.nullcontext()
 
     def _forward_backward(self, batches: list[Batch]) -> torch.Tensor:
-        """Gradients of the mean loss over `batches`; returns that mean (this rank's micro-batches)."""
+        """Gradients of the mean loss over `batches`; returns that mean (this rank's micro-batches). Each loss is
+        divided by the micro-batch count before backward, as the MoE auxiliary loss expects (parallel/apply.py)."""
         total = torch.zeros((), device=self.torch_device)
         for i, batch in enumerate(batches):
             with self._no_grad_sync(last=i == len(batches) - 1), self.loss_context():
@@ -183,62 +269,21 @@ class NativeEngine:
             total += _plain(loss.detach())
         return total
 
-    def train_step(self, batches: list[Batch], grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        for part in self.parts:
-            part.train()
-            # Each micro-batch's loss enters backward scaled like this; the MoE auxiliary loss must be too.
-            set_aux_loss_scale(part, self._aux_loss_scale(len(batches)))
+    def train_step(self, batches: list[Batch], lr: float, grad_clip: float) -> StepOutput:
+        self._train_mode(True)
         mean_loss = self._forward_backward(batches)
         if self.expert_grad_divisor > 1:
-            from parallel.expert import expert_parameters
-
             for part in self.parts:
                 for param in expert_parameters(part):
                     if param.grad is not None:
                         param.grad.div_(self.expert_grad_divisor)
         grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group)
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+        set_learning_rate(self.optimizers, lr)
+        for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        # Every step, so the expert biases follow each step's load; identical on all data-parallel replicas.
-        self._routing_metrics = {}
-        for part in self.parts:
-            self._routing_metrics.update(update_load_balance(part, self._sum_over_data_ranks))
-        return mean_loss / self._loss_ranks(), grad_norm
-
-    def _aux_loss_scale(self, micro_batches: int) -> float:
-        return 1.0 / micro_batches
-
-    def _sum_over_data_ranks(self, stats: torch.Tensor) -> torch.Tensor:
-        if self.data_group is not None:
-            dist.all_reduce(stats, group=self.data_group)  # SUM
-        return stats
-
-    def routing_metrics(self) -> dict[str, Any]:
-        return self._routing_metrics
-
-    @torch.no_grad()
-    def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
-        self.model.eval()
-        total = torch.zeros((), device=self.torch_device)
-        with self.loss_context():
-            for batch in batches:
-                total += _plain(self._loss(batch))
-        return total / (len(batches) * self._loss_ranks())
-
-    def _loss_ranks(self) -> int:
-        """Ranks holding a loss share: data-parallel ranks (a pipeline's last stage computes the loss)."""
-        return dist.get_world_size(self.loss_group) if self.loss_group is not None else 1
-
-    def reduce_loss(self, local: torch.Tensor) -> float:
-        if self.loss_group is not None:
-            local = local.clone()
-            dist.all_reduce(local, group=self.loss_group)  # SUM: gloo has no AVG
-        return float(local)
-
-    def lr(self) -> float:
-        return float(self.schedulers[0].get_last_lr()[0])
+        self._after_optimizer_step()
+        return StepOutput(mean_loss / self._loss_ranks(), grad_norm)
 
     # ---- checkpoint -----------------------------------------------------------------------------------------
 
@@ -273,19 +318,12 @@ class NativeEngine:
             set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=options)
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"lr_scheduler": self.schedulers[0].state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        for scheduler in self.schedulers:
-            restore_scheduler(scheduler, state["lr_scheduler"])
-
     def checkpoint_info(self) -> dict[str, Any]:
-        """What a checkpoint must match to load under this engine: nothing, DCP reshards to any layout."""
+        """Nothing to match: DCP reshards to any layout."""
         return {}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter this rank's parts hold, whole (a collective under FSDP/TP)."""
+        """Every parameter this rank's parts hold, whole (a collective under FSDP/TP); for tests and inspection."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         merged: dict[str, torch.Tensor] = {}
@@ -297,10 +335,11 @@ class NativeEngine:
 class PipelineEngine(NativeEngine):
     """A pipeline rank: its stages run under a torch.distributed.pipelining schedule over the step's micro-batches.
 
-    Only the last stage sees the loss; its share is added over the pipeline and data-parallel ranks.
+    Only the last stage sees the loss; its share is added over the pipeline and data-parallel ranks. The schedule
+    divides gradients by the micro-batch count itself, after backward (the model is built for that: apply.py).
     """
 
-    def __init__(self, stages: dict[int, nn.Module], schedule: Any, plan: Any, pp_rank: int,
+    def __init__(self, stages: dict[int, nn.Module], schedule: Any, plan: PipelinePlan, pp_rank: int,
                  pp_group: dist.ProcessGroup, dp_size: int, **kwargs: Any) -> None:
         super().__init__([stages[s] for s in sorted(stages)], **kwargs)
         self.stages = stages
@@ -316,10 +355,7 @@ class PipelineEngine(NativeEngine):
         for stage in stages.values():
             suspend_statistics_for_next_forward(stage)
 
-    def _aux_loss_scale(self, micro_batches: int) -> float:
-        return 1.0  # the pipeline schedule divides gradients by the micro-batch count itself
-
-    def routing_metrics(self) -> dict[str, Any]:
+    def _routing(self) -> dict[str, Any]:
         """Every stage's MoE layers, gathered so that rank 0 can log them."""
         gathered: list[Optional[dict[str, Any]]] = [None] * dist.get_world_size(self.pp_group)
         dist.all_gather_object(gathered, self._routing_metrics, group=self.pp_group)
@@ -356,11 +392,8 @@ class PipelineEngine(NativeEngine):
         return self._mean(losses)
 
     @torch.no_grad()
-    def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
-        from parallel.pipeline import forward_only_losses
-
-        for part in self.parts:
-            part.eval()
+    def _eval_loss_share(self, batches: list[Batch]) -> torch.Tensor:
+        self._train_mode(False)
         inputs, targets = self._whole_batch(batches)
         with self.loss_context(), self.device.autocast(self.autocast_dtype):
             losses = forward_only_losses(self.plan, self.stages, self.pp_rank, self.pp_group, inputs, targets,

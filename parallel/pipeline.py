@@ -3,7 +3,8 @@
 A stage is the same `Transformer` class with the layers it does not own deleted (names stay `layers.<i>...`, so
 checkpoints are the same whatever the cut); the first stage keeps the embedding, the last the final norm and
 output head. Stages go to pipeline ranks in loop order (rank r holds r, r + pp, ...) for gpipe / 1f1b /
-interleaved_1f1b, and in V order (rank r holds r and 2 pp - 1 - r) for zero_bubble (ZB-V) and dualpipev.
+interleaved_1f1b, and in V order (rank r holds r and 2 pp - 1 - r) for zero_bubble (ZB-V) and dualpipev. The split,
+the placement and what each schedule needs are parallel/rules.py's, which the planner uses too.
 """
 
 from __future__ import annotations
@@ -15,24 +16,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.config import ModelConfig
+from configs.schema import ModelConfig
 from models.transformer import build_model
-from parallel.dims import LayoutError
+from parallel.rules import SINGLE_STAGE, rank_stages, stage_layers
 
-# schedule -> (torch class in torch.distributed.pipelining.schedules, stage placement over ranks)
-SCHEDULES: dict[str, tuple[str, str]] = {
-    "gpipe": ("ScheduleGPipe", "loop"),
-    "1f1b": ("Schedule1F1B", "loop"),
-    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop"),
-    "zero_bubble": ("ScheduleZBVZeroBubble", "v"),
-    "dualpipev": ("ScheduleDualPipeV", "v"),
+# schedule -> its class in torch.distributed.pipelining.schedules
+TORCH_SCHEDULES: dict[str, str] = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zero_bubble": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
 }
-_SINGLE_STAGE = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)
 class PipelinePlan:
-    """Which layers each stage holds and which stages this build of the schedule puts on each rank."""
+    """Which layers each stage holds and which stages each pipeline rank runs."""
 
     schedule: str
     pp: int
@@ -44,56 +44,23 @@ class PipelinePlan:
         return self.pp * self.vpp
 
     def stages_of_rank(self, pp_rank: int) -> list[int]:
-        if SCHEDULES[self.schedule][1] == "v":
-            return [pp_rank, 2 * self.pp - 1 - pp_rank]
-        return [pp_rank + k * self.pp for k in range(self.vpp)]
+        return rank_stages(self.schedule, self.pp, self.vpp, pp_rank)
 
 
-def split_layers(n_layers: int, n_stages: int, counts: list[int]) -> tuple[tuple[int, ...], ...]:
-    """Consecutive layer ranges per stage: `counts` if given (the first and last stage may hold none), else as even
-    as possible with the spare layers in the middle stages, which carry neither embedding nor head."""
-    if counts:
-        if len(counts) != n_stages or sum(counts) != n_layers or min(counts) < 0:
-            raise LayoutError(
-                f"parallel.pp_layers={counts} must list {n_stages} non-negative layer counts (pp*vpp) "
-                f"adding up to n_layers={n_layers}"
-            )
-        if any(c == 0 for c in counts[1:-1]):
-            raise LayoutError(f"parallel.pp_layers={counts}: only the first and last stage may hold no layers")
-    else:
-        base, spare = divmod(n_layers, n_stages)
-        order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))  # middle stages first
-        extra = set(order[:spare])
-        counts = [base + (s in extra) for s in range(n_stages)]
-    starts = [sum(counts[:s]) for s in range(n_stages)]
-    return tuple(tuple(range(start, start + count)) for start, count in zip(starts, counts))
-
-
-def plan_pipeline(cfg: ModelConfig, pp: int, vpp: int, schedule: str, counts: list[int], n_microbatches: int) -> PipelinePlan:
-    """Check the schedule against pp, vpp and the micro-batch count, and cut the layers. Errors are one line."""
-    where = f"parallel.pp_schedule={schedule} with pp={pp} vpp={vpp} and {n_microbatches} micro-batches per step"
-    if schedule in _SINGLE_STAGE and vpp != 1:
-        raise LayoutError(f"{where}: {schedule} runs one stage per rank; set vpp=1 or use interleaved_1f1b")
-    if schedule == "interleaved_1f1b" and vpp < 2:
-        raise LayoutError(f"{where}: interleaved_1f1b needs vpp >= 2 (vpp=1 is plain 1f1b)")
-    if SCHEDULES[schedule][1] == "v" and vpp != 2:
-        raise LayoutError(f"{where}: {schedule} is a V schedule with exactly two stages per rank; set vpp=2")
-    stages = pp * vpp
-    if schedule == "1f1b" and n_microbatches < pp:
-        raise LayoutError(f"{where}: 1f1b needs at least pp micro-batches; raise train.global_batch or lower train.micro_batch")
-    if schedule == "interleaved_1f1b":
-        rounds = max(1, n_microbatches // pp)
-        if n_microbatches % rounds:
-            raise LayoutError(f"{where}: interleaved_1f1b needs a micro-batch count that is a multiple of pp "
-                              f"(or below it); change train.global_batch or train.micro_batch")
-    if schedule == "dualpipev" and n_microbatches < stages:
-        raise LayoutError(f"{where}: dualpipev needs at least 2*pp micro-batches; raise train.global_batch "
-                          f"or lower train.micro_batch")
-    return PipelinePlan(schedule, pp, vpp, split_layers(cfg.n_layers, stages, counts))
+def plan_pipeline(cfg: ModelConfig, pp: int, vpp: int, schedule: str, counts: list[int]) -> PipelinePlan:
+    """Cut the layers into pp * vpp consecutive stages (`counts`, or the even split). The layout, counts included,
+    has passed parallel/rules.py already (ParallelDims.from_config)."""
+    per_stage = stage_layers(cfg.n_layers, pp * vpp, counts)
+    starts = [sum(per_stage[:s]) for s in range(len(per_stage))]
+    layers = tuple(tuple(range(start, start + count)) for start, count in zip(starts, per_stage))
+    return PipelinePlan(schedule, pp, vpp, layers)
 
 
 def build_stage(cfg: ModelConfig, plan: PipelinePlan, stage: int) -> nn.Module:
-    """The meta-device model of one stage: its layers, plus the embedding (first) or norm and head (last)."""
+    """The meta-device model of one stage: its layers, plus the embedding (first) or norm and head (last).
+
+    Its MoE auxiliary-loss gradient is unscaled (aux_loss_scale 1): torch's schedules feed each micro-batch's loss to
+    backward as it is and divide the gradients by the micro-batch count afterwards."""
     model = build_model(cfg, device="meta")
     keep = {str(i) for i in plan.layers[stage]}
     for name in [n for n in model.layers if n not in keep]:
@@ -116,8 +83,8 @@ def build_schedule(plan: PipelinePlan, stage_modules: dict[int, nn.Module], devi
         PipelineStage(module, stage, plan.n_stages, device, group=group)
         for stage, module in sorted(stage_modules.items())
     ]
-    schedule_class = getattr(schedules, SCHEDULES[plan.schedule][0])
-    if plan.schedule in _SINGLE_STAGE:
+    schedule_class = getattr(schedules, TORCH_SCHEDULES[plan.schedule])
+    if plan.schedule in SINGLE_STAGE:
         return schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
     return schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
 

@@ -33,8 +33,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from models.config import AttentionKind, ModelConfig
+from configs.schema import AttentionKind, ModelConfig
 from parallel.dims import LayoutError
+from parallel.rules import tensor_parallel_problem
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -80,17 +81,6 @@ class ReplicatedSharedHeads(ParallelStyle):
             lambda mod, inputs, mesh: self._prepare_input(mod, inputs, mesh),
             lambda mod, outputs, mesh: self._select_head(mod, outputs, mesh),
         )
-
-
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """Head layouts TP cannot split, refused with one line (divisibility of heads, ffn and vocab is in dims)."""
-    if cfg.attention == AttentionKind.gqa and cfg.n_kv_heads < tp and tp % cfg.n_kv_heads:
-        raise LayoutError(
-            f"tp={tp} with n_kv_heads={cfg.n_kv_heads}: kv heads can be split or replicated only when one of "
-            f"tp and n_kv_heads divides the other; pick tp dividing n_kv_heads or a multiple of it"
-        )
-    if cfg.attention == AttentionKind.gqa and cfg.n_kv_heads >= tp and cfg.n_kv_heads % tp:
-        raise LayoutError(f"tp={tp} does not divide n_kv_heads={cfg.n_kv_heads}: pick tp dividing n_kv_heads")
 
 
 def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -150,7 +140,9 @@ def block_plan(cfg: ModelConfig, layer_id: int, tp: int, sequence_parallel: bool
 def apply_tensor_parallel(model: nn.Module, cfg: ModelConfig, mesh: "DeviceMesh", sequence_parallel: bool) -> nn.Module:
     """Parallelize the (meta-device) model over the 1-D tp mesh; stages without embedding or head skip those parts."""
     tp = mesh.size()
-    check_tensor_parallel(cfg, tp)
+    problem = tensor_parallel_problem(cfg, tp)
+    if problem is not None:
+        raise LayoutError(str(problem))
     ends: dict[str, Any] = {}
     if model.tok_embeddings is not None:
         ends["tok_embeddings"] = RowwiseParallel(

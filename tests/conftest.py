@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,10 @@ from torch.utils.cpp_extension import get_default_build_root
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+
+# DeepSpeed is an optional extra (`make` installs it): without it, its engine's tests skip and the rest run.
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed extra is not installed")
 
 # A short, deterministic CPU run: fp32 so that results are bitwise reproducible, a small corpus slice so start-up
 # is quick, wandb off unless a test asks for it.
@@ -35,6 +40,14 @@ FAST = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e (pyproject.toml)."""
+    for item in items:
+        folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        if folder in ("unit", "dist", "e2e"):
+            item.add_marker(getattr(pytest.mark, folder))
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
@@ -44,14 +57,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], timeout: float = 300, env: dict[str, str] | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
-    """`python -m train ARGS`, or `torchrun --standalone --nproc_per_node=nproc -m train ARGS`."""
+def run_train(args: list[str], timeout: float = 300, env: dict[str, str] | None = None, nproc: int = 1,
+              cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m train ARGS`, or `torchrun --standalone --nproc_per_node=nproc -m train ARGS`, run in `cwd`."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train", *args]
     try:
-        return subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout}s (hang?)\nstdout:\n{error.stdout}\nstderr:\n{error.stderr}")
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays fast
     from launch.device import Device
@@ -27,13 +27,12 @@ log = logging.getLogger("supertrain")
 
 
 def _usage() -> str:
-    from train.config import CONFIG_DIR
+    from configs.loading import config_groups
 
-    lines = [__doc__.strip(), "", "Config groups (pick one with group=option):"]
-    for group in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
-        options = sorted(f.stem for f in group.glob("*.yaml"))
-        lines.append(f"  {group.name:<11} {', '.join(options)}")
-    lines.append("Fields and their meaning: train/config.py; current values: python -m train --cfg")
+    lines = [__doc__.strip(), "", "Config groups (pick one with group=option; ./configs/<group>/*.yaml adds options):"]
+    for group, options in config_groups().items():
+        lines.append(f"  {group:<11} {', '.join(options)}")
+    lines.append("Fields and their meaning: configs/schema.py, train/config.py; current values: python -m train --cfg")
     return "\n".join(lines)
 
 
@@ -72,15 +71,20 @@ def _error(message: str, rank: int) -> None:
 
 
 def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
-    """Every check that needs no process group: device, degrees against the world and the model, engine limits."""
+    """Every check that needs no process group (device; the layout against the world, the model and the batch), then
+    the process set-up: allocator switches, and the model's kernels built or loaded."""
+    from configs.schema import DPEngine
     from launch.device import resolve_device
-    from parallel.apply import check_supported
+    from models.kernels import prepare_kernels
+    from parallel.deepspeed import require_deepspeed
     from parallel.dims import ParallelDims
 
     device = resolve_device(cfg.device.type)
     dims = ParallelDims.from_config(cfg.parallel, info.world_size, cfg.model, cfg.train)
-    check_supported(cfg, dims)
+    if cfg.parallel.dp_engine == DPEngine.deepspeed:
+        require_deepspeed()
     device.prepare_process()
+    prepare_kernels(device.kind)
     return device, dims
 
 

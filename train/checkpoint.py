@@ -3,7 +3,7 @@
 Layout of `run.dir/checkpoints/step_<N>/`:
     .metadata, *.distcp      model and optimizer, via torch.distributed.checkpoint (layout-free, reshardable)
                              (or DeepSpeed's own files under dp_engine=deepspeed)
-    trainer_state.json       step, LR schedule, data sampler position
+    trainer_state.json       step and data sampler position (the LR schedule is a function of the step)
     rng/rank_<r>.pt          each rank's RNG state
     COMMITTED                written last: what the checkpoint is (step, world size, layout, engine)
 
@@ -24,15 +24,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from models.config import ConfigError
+from configs.errors import CheckpointError
 
 COMMIT_MARKER = "COMMITTED"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used: missing, uncommitted, or written by an incompatible engine."""
 
 
 def is_committed(path: Path) -> bool:

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 
 
 class DataError(ConfigError):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 from train.config import LoggingConfig, LoggingMode
 
 

@@ -1,4 +1,8 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine (or linear, or constant) LR schedule."""
+"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine (or linear, or constant) LR schedule.
+
+The schedule is a function of this run's config and the step alone: the trainer computes each step's rate and the
+engine sets it, so a resumed run follows its own config's schedule and no scheduler state is checkpointed.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +34,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 class WarmupDecay:
-    """LR multiplier at a 0-based step: linear warmup to 1, then decay to min_lr_ratio at total_steps."""
+    """LR multiplier at a 0-based step: linear warmup to 1, then decay to min_lr_ratio at total_steps.
+    `rate(step)` is the learning rate of that step."""
 
     def __init__(self, cfg: OptimConfig, total_steps: int) -> None:
         self.warmup = cfg.warmup_steps
         self.total = total_steps
         self.floor = cfg.min_lr_ratio
         self.kind = cfg.schedule.value
+        self.base = cfg.lr
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -47,19 +53,5 @@ class WarmupDecay:
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == LRSchedule.cosine.value else 1 - progress
         return self.floor + (1 - self.floor) * shape
 
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule is a function of this run's config and the step only. Wrapping it in a plain function keeps
-    LambdaLR from saving (and a resume from restoring) the schedule's settings: a run resumed with a longer
-    train.steps follows the new schedule."""
-    schedule = WarmupDecay(cfg, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
-
-
-def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
-    """Load the step count, then set the LR this config's schedule gives at that step (the optimizer state that was
-    loaded carries the LR of the run that saved it)."""
-    scheduler.load_state_dict(state)
-    for group, base_lr, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * schedule(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    def rate(self, step: int) -> float:
+        return self.base * self(step)

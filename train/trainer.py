@@ -1,7 +1,7 @@
 """The training loop: data in, optimizer steps out, with evaluation, metrics and checkpoints on schedule.
 
 Parallelism is invisible here: an `Engine` (parallel/engine.py) runs each step, and the loop only decides which
-sequences this data-parallel rank reads and when to log, evaluate and save.
+sequences this data-parallel rank reads, what learning rate each step uses, and when to log, evaluate and save.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from configs.errors import ConfigError
 from launch.device import Device
-from models.config import ConfigError, flops_per_token, num_params
+from models.counts import flops_per_token, num_params
+from models.kernels import describe_kernels, matmul_kernels
 from parallel.apply import build_engine, training_dtype
-from parallel.dims import ParallelDims
-from parallel.engine import Batch
+from parallel.dims import Meshes, ParallelDims
+from parallel.engine import Batch, StepOutput
 from train import checkpoint as ckpt
 from train.config import Config, to_plain_dict
 from train.data import GlobalBatchSampler, SequenceDataset, build_datasets, micro_batches, rank_slice
 from train.metrics import Throughput, build_logger, format_line
+from train.optim import WarmupDecay, build_optimizer
 
 log = logging.getLogger("supertrain")
 
@@ -40,7 +43,7 @@ class Trainer:
         run_dir: Path,
         rank: int = 0,
         local_rank: int = 0,
-        mesh: Optional[Any] = None,
+        mesh: Optional[Meshes] = None,
         barrier: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
@@ -61,14 +64,16 @@ class Trainer:
         self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
 
         torch.manual_seed(cfg.train.seed)
-        self.engine = build_engine(cfg, device, dims, mesh, local_rank)
+        self.engine = build_engine(cfg.model, cfg.parallel, cfg.train, device, dims, mesh, local_rank,
+                                   lambda module: build_optimizer(module, cfg.optim))
+        self.schedule = WarmupDecay(cfg.optim, cfg.train.steps)
         self.step = 0
 
         self.checkpoints = ckpt.CheckpointManager(run_dir / "checkpoints", rank, barrier, cfg.checkpoint.keep_last)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
-        dtype = training_dtype(cfg, device) or torch.float32
+        dtype = training_dtype(cfg.train.mixed_precision, device) or torch.float32
         # Before wandb starts: on CPU the peak is measured, and wandb's service process would compete for the cores.
-        self.peak = device.peak_flops(dtype)
+        self.peak = device.peak_flops(dtype, matmul_kernels(dtype))
         self.logger = build_logger(cfg.logging, rank, run_dir, to_plain_dict(cfg))
         self.throughput = Throughput(self.flops_per_token, self.peak.flops, dims.world_size)
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -78,7 +83,7 @@ class Trainer:
             "sequences; layout %s; %s, compute %s; MFU peak %.3g FLOP/s per device (%s)",
             cfg.model.name, num_params(cfg.model) / 1e6, num_params(cfg.model, active_only=True) / 1e6,
             self.flops_per_token, self.data.description, len(self.data.train), len(self.data.val), dims,
-            device, dtype, self.peak.flops, self.peak.source,
+            f"{device}, {describe_kernels(device.kind)}", dtype, self.peak.flops, self.peak.source,
         )
 
     # ---- data -----------------------------------------------------------------------------------------------
@@ -93,16 +98,16 @@ class Trainer:
 
     # ---- steps ----------------------------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self) -> StepOutput:
         batches = self._rank_batches(self.data.train, self.sampler.next_batch())
-        loss, grad_norm = self.engine.train_step(batches, self.cfg.train.grad_clip)
+        output = self.engine.train_step(batches, self.schedule.rate(self.step), self.cfg.train.grad_clip)
         self.step += 1
-        return loss, grad_norm
+        return output
 
     def evaluate(self) -> float:
         total = 0.0
         for b in range(self.cfg.train.eval_batches):
-            total += self.engine.reduce_loss(self.engine.eval_loss(self._rank_batches(self.data.val, self._val_indices(b))))
+            total += self.engine.evaluate(self._rank_batches(self.data.val, self._val_indices(b)))
         return total / self.cfg.train.eval_batches
 
     def _max_memory(self) -> int:
@@ -118,10 +123,7 @@ class Trainer:
             self.engine.save(folder)
             ckpt.save_rng(folder, self.rank, self.device.rng_state())
             if self.rank == 0:
-                ckpt.write_trainer_state(
-                    folder,
-                    {"step": self.step, "sampler": self.sampler.state_dict(), **self.engine.extra_state()},
-                )
+                ckpt.write_trainer_state(folder, {"step": self.step, "sampler": self.sampler.state_dict()})
 
         info = {"world_size": self.dims.world_size, "layout": str(self.dims), "engine": self.engine.kind,
                 **self.engine.checkpoint_info()}
@@ -147,7 +149,6 @@ class Trainer:
                 )
         state = ckpt.read_trainer_state(path)
         self.engine.load(path)
-        self.engine.load_extra_state(state)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         rng = ckpt.load_rng(path, self.rank)
@@ -175,7 +176,7 @@ class Trainer:
         started = time.perf_counter()
         self.throughput.restart()
         while self.step < total:
-            loss, grad_norm = self.train_step()
+            output = self.train_step()
             self.throughput.add(self.tokens_per_step)
             progress.update(1)
             metrics: dict[str, Any] = {}
@@ -186,13 +187,11 @@ class Trainer:
                     step_times.append(self.tokens_per_step / tokens_per_s)
                 steps_logged += 1
                 metrics = {
-                    "loss": self.engine.reduce_loss(loss),
-                    "lr": self.engine.lr(),
-                    "grad_norm": float(grad_norm),
+                    **self.engine.step_metrics(output),
+                    "lr": self.schedule.rate(self.step - 1),
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu,
                     "memory_bytes": self._max_memory(),
-                    **self.engine.routing_metrics(),
                 }
                 if not math.isfinite(metrics["loss"]):
                     log.warning("step %d: loss is %s", self.step, metrics["loss"])

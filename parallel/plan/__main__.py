@@ -1,21 +1,21 @@
 """`python -m parallel.plan model=<name> cluster=<name> [plan.global_batch=N plan.seq_len=N plan.tp=8 ...]`
 
 Searches every layout for the cluster's device count, prints the fastest ones that fit, writes the best as
-configs/parallel/<name>.yaml (run it with `python -m train parallel=<name>`), optionally the candidates as JSON
-(plan.out=FILE.json), a picture (plan.plot), and with plan.dry_run=true builds one rank's real sharded model and
-optimizer on the meta device to compare its bytes with the prediction.
+./configs/parallel/<name>.yaml under the current directory (run it from there with `python -m train
+parallel=<name>`), optionally the candidates as JSON (plan.out=FILE.json), a picture (plan.plot, needs the `plot`
+extra), and with plan.dry_run=true builds one rank's real sharded model and optimizer on the meta device to compare
+its bytes with the prediction. Everything is written under the current directory unless a path says otherwise.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from models.config import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from configs.errors import ConfigError
 
 
 def _error(message: str) -> int:
@@ -26,10 +26,12 @@ def _error(message: str) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
-        clusters = sorted(p.stem for p in (REPO / "configs" / "cluster").glob("*.yaml"))
-        models = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+        from configs.loading import config_groups
+
+        groups = config_groups()
         print(__doc__.strip())
-        print(f"\nmodels: {', '.join(models)}\nclusters: {', '.join(clusters)}\nfields: parallel/plan/config.py")
+        print(f"\nmodels: {', '.join(groups['model'])}\nclusters: {', '.join(groups['cluster'])}\n"
+              f"fields: parallel/plan/config.py")
         return 0
     try:
         return run(args)
@@ -38,15 +40,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: list[str]) -> int:
-    from models.config import num_params
+    from models.counts import num_params
     from parallel.plan.config import load_plan_config
     from parallel.plan.estimate import Estimator, Workload
     from parallel.plan.report import breakdown, parallel_config, table, write_json, write_parallel_config
-    from parallel.plan.search import Constraints, search
+    from parallel.plan.search import Constraints, fixed_choice_problem, search
     from parallel.plan.topology import GIB, build_cluster, describe
 
     cfg = load_plan_config(args)
     model, plan = cfg.model, cfg.plan
+    problem = fixed_choice_problem(model, plan)
+    if problem is not None:
+        raise ConfigError(f"{problem} (a degree fixed with plan.*)")
     cluster = build_cluster(cfg.cluster)
     world = cluster.num_devices
     seq_len = plan.seq_len or min(4096, model.max_seq_len)
@@ -91,26 +96,37 @@ def run(args: list[str]) -> int:
     print(f"best: {best.layout.short()}, micro-batch {best.layout.micro_batch}, recompute {best.layout.recompute}, "
           f"{best.layout.engine_label()}; {best.memory.gib()['total']:.1f} GiB per device")
     print(breakdown(best))
+    if best.layout.dp_engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        print("note: this layout runs DeepSpeed, which is not installed here: pip install 'supertrain[deepspeed]' "
+              "where it will run, or plan again with plan.dp_engine=fsdp")
 
     name = plan.name or f"plan_{model.name}_{cluster.name}_{world}"
     note = (f"{model.name} on {world} x {cluster.device.name} ({cluster.name}), predicted step "
             f"{best.step_time:.3g}s, MFU {best.mfu:.1%}, {best.memory.gib()['total']:.1f} GiB per device")
     if plan.write_config:
-        folder = Path(plan.config_dir) if plan.config_dir else REPO / "configs" / "parallel"
+        folder = Path(plan.config_dir or "configs/parallel")
         path = write_parallel_config(folder, name, parallel_config(best, workload, note))
         launcher = "python" if world == 1 else f"torchrun --nproc_per_node={min(world, cluster.devices_per_node)}"
-        print(f"wrote {path}; run it with: {launcher} -m train model={model.name} parallel={name}")
+        command = f"{launcher} -m train model={model.name} parallel={name}"
+        if folder.name == "parallel" and folder.parent.name == "configs":
+            where = folder.resolve().parent.parent
+            print(f"wrote {path}; run it with: {command}" + ("" if where == Path.cwd() else f" (from {where})"))
+        else:
+            print(f"wrote {path}; python -m train finds it in ./configs/parallel/: copy it there, then run {command}")
     if plan.out:
         header = {"model": model.name, "cluster": cluster.name, "num_devices": world, "seq_len": seq_len,
                   "global_batch": global_batch, "precision": plan.precision, "search_seconds": result.seconds}
         write_json(Path(plan.out), result.ranked[: plan.keep] if plan.keep else result.ranked, header)
         print(f"wrote {plan.out} ({min(len(result.ranked), plan.keep or len(result.ranked))} candidates, best first)")
     if plan.plot != "":
-        from parallel.plan.plot import plot_plan
+        from parallel.plan.plot import PlotUnavailable, plot_plan
 
-        picture = Path(plan.plot) if plan.plot else REPO / "outputs" / "plan" / f"{name}.png"
-        plot_plan(best, cluster.device.memory_bytes, best.layout.micro_batches(global_batch), note, picture)
-        print(f"wrote {picture}")
+        picture = Path(plan.plot) if plan.plot else Path("outputs") / "plan" / f"{name}.png"
+        try:
+            plot_plan(best, cluster.device.memory_bytes, best.layout.micro_batches(global_batch), note, picture)
+            print(f"wrote {picture}")
+        except PlotUnavailable as reason:
+            print(f"no picture: {reason}")
     if plan.dry_run:
         from parallel.plan.dryrun import dry_run, format_dry_run
 

@@ -11,7 +11,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from models.config import ConfigError, ModelConfig
+from configs.errors import ConfigError
+from configs.loading import load_typed_config
+from configs.schema import ModelConfig
 from parallel.plan.search import FixedChoices
 from parallel.plan.topology import ClusterConfig
 
@@ -36,11 +38,13 @@ class PlanFields(FixedChoices):
     keep: int = 200
     # Name of the written configs/parallel/<name>.yaml; null = plan_<model>_<cluster>_<devices>.
     name: Optional[str] = None
-    # Folder for the parallel config; null = configs/parallel of this repository.
+    # Folder for the parallel config; null = configs/parallel under the current directory, where `python -m train
+    # parallel=<name>` finds it when run from that directory.
     config_dir: Optional[str] = None
     # Write the best layout as a parallel config.
     write_config: bool = True
-    # PNG of the chosen layout's memory breakdown and pipeline timeline; null = outputs/plan/<name>.png; "" = none.
+    # PNG of the chosen layout's memory breakdown and pipeline timeline; null = outputs/plan/<name>.png under the
+    # current directory; "" = none. Needs matplotlib (the `plot` extra).
     plot: Optional[str] = None
     # Build one rank's real sharded model and optimizer on the meta device under a fake process group of the full
     # world size, and compare its parameter and optimizer bytes with the prediction.
@@ -68,15 +72,6 @@ class PlanConfig:
     plan: PlanFields = field(default_factory=PlanFields)
 
 
-def register_plan_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
-
-
 def load_plan_config(overrides: list[str]) -> PlanConfig:
     """Compose configs/plan.yaml with overrides into a validated PlanConfig (ConfigError with one line)."""
-    from train.config import load_typed_config
-
-    register_plan_configs()
-    return load_typed_config(overrides, "plan", PlanConfig)
+    return load_typed_config(overrides, "plan", PlanConfig, "plan_schema")

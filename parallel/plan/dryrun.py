@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from configs.schema import ParallelConfig, Precision, TrainConfig
+from parallel.layout import Layout
 from parallel.plan.estimate import Estimator
-from parallel.plan.layout import Layout
 from parallel.plan.memory import GIB, shard_numel
 from parallel.plan.software import state_bytes
 
@@ -27,22 +28,12 @@ class DryRunReport:
     note: str = ""
 
 
-def _config_for(estimator: Estimator, layout: Layout) -> Any:
-    from train.config import Config, DPEngine, ParallelConfig, Precision, Recompute, TrainConfig
-
+def _configs_for(estimator: Estimator, layout: Layout) -> tuple[ParallelConfig, TrainConfig]:
     wl = estimator.workload
-    counts = list(estimator.stage_split(layout.pp * (2 if layout.schedule in ("zero_bubble", "dualpipev")
-                                                      else layout.vpp))) if layout.pp > 1 else []
-    parallel = ParallelConfig(
-        dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, cp=layout.cp, tp=layout.tp, pp=layout.pp,
-        vpp=layout.vpp, ep=layout.ep, dp_engine=DPEngine(layout.dp_engine),
-        zero_stage=layout.zero_stage if layout.dp_engine == "deepspeed" else 1,
-        sequence_parallel=layout.sequence_parallel, recompute=Recompute(layout.recompute),
-        pp_schedule=layout.schedule, pp_layers=counts,
-    )
+    counts = estimator.stage_split(layout.stages) if layout.pp > 1 else ()
     train = TrainConfig(seq_len=wl.seq_len, global_batch=wl.global_batch, micro_batch=layout.micro_batch,
                         mixed_precision=Precision(wl.precision))
-    return Config(model=wl.model, parallel=parallel, train=train)
+    return layout.to_parallel_config(counts), train
 
 
 def _state_bytes(modules: list[Any], optimizer: Any) -> dict[str, float]:
@@ -66,14 +57,15 @@ def dry_run(estimator: Estimator, layout: Layout, rank: int = 0) -> DryRunReport
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from parallel.apply import parallelize
-    from parallel.dims import ParallelDims
-    from parallel.pipeline import build_stage, plan_pipeline
     from models.transformer import build_model
+    from parallel.apply import parallelize, pipeline_plan
+    from parallel.dims import ParallelDims
+    from parallel.pipeline import build_stage
 
-    cfg = _config_for(estimator, layout)
+    model = estimator.workload.model
+    parallel, train = _configs_for(estimator, layout)
     world = layout.world_size
-    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model, cfg.train)
+    dims = ParallelDims.from_config(parallel, world, model, train)
     if dist.is_initialized():
         raise RuntimeError("dry run needs a process without a process group (it creates a fake one)")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
@@ -81,14 +73,14 @@ def dry_run(estimator: Estimator, layout: Layout, rank: int = 0) -> DryRunReport
         meshes = dims.build_mesh("cpu")
         dtype = torch.bfloat16 if estimator.workload.precision == "bf16" else None
         if layout.pp > 1:
-            plan = plan_pipeline(cfg.model, dims.pp, dims.vpp, layout.schedule, list(cfg.parallel.pp_layers),
-                                 dims.grad_accumulation(cfg.train))
+            plan = pipeline_plan(model, parallel, dims)
             pp_rank = meshes["pp"].get_local_rank()
             stage_ids = plan.stages_of_rank(pp_rank)
-            modules = [parallelize(build_stage(cfg.model, plan, s), cfg, dims, meshes, dtype) for s in stage_ids]
+            modules = [parallelize(build_stage(model, plan, s), model, parallel, dims, meshes, dtype)
+                       for s in stage_ids]
         else:
             pp_rank = 0
-            modules = [parallelize(build_model(cfg.model, device="meta"), cfg, dims, meshes, dtype)]
+            modules = [parallelize(build_model(model, device="meta"), model, parallel, dims, meshes, dtype)]
         params = [p for module in modules for p in module.parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
         for p in params:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from models.config import ModelConfig, flops_per_token, layer_params, mlp_params
+from configs.schema import ModelConfig
+from models.counts import flops_per_token, layer_params, mlp_params
 from parallel.plan import memory as mem
 from parallel.plan import pipeline
+from parallel.rules import even_split, rank_stages
 from parallel.plan import time as cost
-from parallel.plan.layout import Layout
+from parallel.layout import Layout
 from parallel.plan.memory import MemoryBreakdown, TokenShape
 from parallel.plan.params import EMBEDDING, HEAD, StageTensors, layer_tensors, model_tensors_edges, split_tensors
 from parallel.plan.software import SUPERTRAIN, Software, state_bytes
@@ -126,7 +128,7 @@ class Estimator:
         if stages not in self._splits:
             cfg = self.model
             if self.even_split or stages == 1:
-                counts = pipeline.even_split(cfg.n_layers, stages)
+                counts = even_split(cfg.n_layers, stages)
             else:
                 # Balance forward FLOPs per token; the last stage also pays the output projection.
                 weights = [2 * layer_params(cfg, i, active_only=True) for i in range(cfg.n_layers)]
@@ -141,13 +143,13 @@ class Estimator:
         return self._plans[key]
 
     def _rank_plans(self, layout: Layout) -> list[RankPlan]:
-        chunks = pipeline.chunks_per_rank(layout.schedule, layout.vpp) if layout.pp > 1 else 1
+        chunks = layout.vpp
         counts = self.stage_split(layout.pp * chunks)
         starts = [sum(counts[:i]) for i in range(len(counts))]
         last = len(counts) - 1
         plans = []
         for rank in range(layout.pp):
-            stages = pipeline.rank_stages(layout.schedule, layout.pp, chunks, rank) if layout.pp > 1 else [0]
+            stages = rank_stages(layout.schedule, layout.pp, chunks, rank) if layout.pp > 1 else [0]
             layers = [i for s in stages for i in range(starts[s], starts[s] + counts[s])]
             moe = sum(1 for i in layers if self.model.is_moe_layer(i))
             plans.append(RankPlan(len(layers) - moe, moe, 0 in stages, last in stages))
@@ -212,7 +214,7 @@ class Estimator:
         states, working = self.rank_states(layout, plan, dp_index)
         shape = self.token_shape(layout)
         act = self.rank_activations(layout, plan)
-        chunks = pipeline.chunks_per_rank(layout.schedule, layout.vpp) if layout.pp > 1 else 1
+        chunks = layout.vpp
         m = layout.micro_batches(self.workload.global_batch)
         alive = pipeline.in_flight(layout.schedule, layout.pp, chunks, m, rank)
         transient = working + act.largest_layer
@@ -310,7 +312,7 @@ class Estimator:
             forward, backward = forward + h.forward, backward + h.backward
             flops += h.forward_flops
         if layout.pp > 1:
-            chunks = pipeline.chunks_per_rank(layout.schedule, layout.vpp)
+            chunks = layout.vpp
             boundary = shape.tokens * self.model.d_model * shape.act_bytes
             if shape.sequence_parallel:
                 p2p = cost.point_to_point(boundary / layout.tp, links.pp)
@@ -355,7 +357,7 @@ class Estimator:
         plans = self.rank_plans(layout)
         worst_memory, per_rank = memory or self.memory(layout)
         m = layout.micro_batches(wl.global_batch)
-        chunks = pipeline.chunks_per_rank(layout.schedule, layout.vpp) if layout.pp > 1 else 1
+        chunks = layout.vpp
         slowest = None
         for plan in plans:
             forward, backward, comm, flops, recompute_flops = self.rank_time(layout, plan)

@@ -16,6 +16,9 @@ from typing import Any, Iterable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from configs.schema import DPEngine, ModelConfig, ParallelConfig, Precision, TrainConfig
+from parallel.layout import Layout
+
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The plain tensor holding the data: a DTensor's local shard, an async collective result's element."""
@@ -133,16 +136,18 @@ class LiveTensorMeter(TorchDispatchMode):
 # ---- one rank of a real layout --------------------------------------------------------------------------------
 
 
-def case_config(model: list[str], layout: dict[str, Any], seq: int, micro_batch: int, global_batch: int) -> Any:
-    """The train Config of a measurement case: a model (config overrides), a layout (parallel.* values), fp32."""
-    from train.config import load_config
+def case_config(model: list[str], layout: dict[str, Any], seq: int, micro_batch: int,
+                global_batch: int) -> tuple[ModelConfig, ParallelConfig, TrainConfig]:
+    """The configs of a measurement case: a model (config overrides), a layout (parallel.* values), fp32."""
+    from omegaconf import OmegaConf
 
-    overrides = [*model, "device=cpu", "train.mixed_precision=fp32", f"train.seq_len={seq}",
-                 f"train.micro_batch={micro_batch}", f"train.global_batch={global_batch}"]
-    for key, value in layout.items():
-        value = f"[{','.join(str(v) for v in value)}]" if isinstance(value, (list, tuple)) else value
-        overrides.append(f"parallel.{key}={str(value).lower() if isinstance(value, bool) else value}")
-    return load_config(overrides)
+    from parallel.plan.config import load_plan_config
+
+    model_cfg = load_plan_config([*model, "cluster=local"]).model
+    parallel = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ParallelConfig), layout))
+    train = TrainConfig(seq_len=seq, global_batch=global_batch, micro_batch=micro_batch,
+                        mixed_precision=Precision.fp32)
+    return model_cfg, parallel, train
 
 
 def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch: int, global_batch: int) -> dict:
@@ -152,38 +157,37 @@ def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
     activations are one micro-batch's on this stage."""
     import torch.distributed as dist
 
-    from models.transformer import build_model, materialize
+    from models.transformer import build_model
     from parallel.apply import parallelize, pipeline_plan
     from parallel.data import apply_ddp
     from parallel.dims import ParallelDims
     from parallel.engine import token_cross_entropy
+    from parallel.materialize import materialize
     from parallel.pipeline import build_stage
-    from train.config import DPEngine
 
-    cfg = case_config(model, layout, seq, micro_batch, global_batch)
+    model_cfg, parallel, train = case_config(model, layout, seq, micro_batch, global_batch)
     world = dist.get_world_size()
-    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model, cfg.train)
+    dims = ParallelDims.from_config(parallel, world, model_cfg, train)
     meshes = dims.build_mesh("cpu")
     device = torch.device("cpu")
     torch.manual_seed(0)
     if dims.pp > 1:
-        plan = pipeline_plan(cfg, dims)
+        plan = pipeline_plan(model_cfg, parallel, dims)
         stages = plan.stages_of_rank(meshes["pp"].get_local_rank())
         assert len(stages) == 1, "measure one chunk per pipeline rank"
         first, last = stages[0] == 0, stages[0] == plan.n_stages - 1
-        module = materialize(parallelize(build_stage(cfg.model, plan, stages[0]), cfg, dims, meshes, None),
-                             cfg.model, device, 0)
+        built = build_stage(model_cfg, plan, stages[0])
     else:
         first = last = True
-        module = materialize(parallelize(build_model(cfg.model, device="meta"), cfg, dims, meshes, None),
-                             cfg.model, device, 0)
+        built = build_model(model_cfg, device="meta")
+    module = materialize(parallelize(built, model_cfg, parallel, dims, meshes, None), model_cfg, device, 0)
     runner = module
-    if cfg.parallel.dp_engine == DPEngine.ddp and dims.dp > 1:
+    if parallel.dp_engine == DPEngine.ddp and dims.dp > 1:
         runner = apply_ddp(module, meshes["dp"])
     parameters = list(module.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
-    tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq))
-    inputs = tokens if first else torch.randn(micro_batch, seq, cfg.model.d_model, requires_grad=True)
+    tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq))
+    inputs = tokens if first else torch.randn(micro_batch, seq, model_cfg.d_model, requires_grad=True)
     # Under tensor parallelism the logits stay split over the vocabulary and the loss runs on the shards.
     loss_context = contextlib.nullcontext
     if dims.tp > 1 and last:
@@ -197,10 +201,10 @@ def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
     current = list(module.parameters()) + [inputs]
     if last:
         del out
-    activations = (saved.saved_bytes(exclude=current) if cfg.parallel.recompute.value == "none"
+    activations = (saved.saved_bytes(exclude=current) if parallel.recompute.value == "none"
                    else live.live_bytes(exclude=current))
     kept = [inputs] if not first else []  # made outside the meters
-    if not last and cfg.parallel.recompute.value == "none":
+    if not last and parallel.recompute.value == "none":
         kept.append(out)  # alive, so the live meter already has it; autograd does not save it
     activations += storage_bytes(kept)
     with loss_context():
@@ -221,21 +225,14 @@ def predict_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
     """What the planner predicts for the same case on the same rank."""
     from parallel.plan.config import load_plan_config
     from parallel.plan.estimate import Estimator, Workload
-    from parallel.plan.layout import Layout
     from parallel.plan.software import SUPERTRAIN_CPU
     from parallel.plan.topology import build_cluster
 
-    cfg = case_config(model, layout, seq, micro_batch, global_batch)
-    p = cfg.parallel
+    model_cfg, p, _ = case_config(model, layout, seq, micro_batch, global_batch)
     dp_shard = p.dp_shard if p.dp_shard > 0 else world // (p.dp_replicate * p.cp * p.tp * p.pp)
-    plan_layout = Layout(
-        tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, dp_replicate=p.dp_replicate, dp_shard=dp_shard,
-        micro_batch=micro_batch, recompute=p.recompute.value, dp_engine=p.dp_engine.value,
-        zero_stage=p.zero_stage if p.dp_engine.value == "deepspeed" else (3 if p.dp_engine.value == "fsdp" else 0),
-        schedule=p.pp_schedule, sequence_parallel=p.sequence_parallel,
-    )
+    plan_layout = Layout.of(p, dp_shard, micro_batch)
     cluster = build_cluster(load_plan_config(["model=tiny", "cluster=local", f"cluster.num_devices={world}"]).cluster)
-    estimator = Estimator(Workload(cfg.model, seq, global_batch, "fp32"), cluster, SUPERTRAIN_CPU,
+    estimator = Estimator(Workload(model_cfg, seq, global_batch, "fp32"), cluster, SUPERTRAIN_CPU,
                           split=tuple(p.pp_layers))
     plans = estimator.rank_plans(plan_layout)
     plan = plans[plan_layout.pp_rank(rank)]

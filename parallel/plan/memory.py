@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from models.config import Activation, AttentionKind, ModelConfig
+from configs.schema import Activation, AttentionKind, ModelConfig
 from models.cpu_attention import covers_sequence, saved_probabilities_per_query
-from parallel.plan.layout import Layout
+from parallel.layout import Layout
 from parallel.plan.params import StageTensors, chunk_rows
 from parallel.plan.software import SUPERTRAIN, Software, state_bytes
 

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-from models.config import Activation, AttentionKind, ModelConfig
+from configs.schema import Activation, AttentionKind, ModelConfig
 
 EMBEDDING, LAYER, HEAD = "embedding", "layer", "head"
 

@@ -1,7 +1,8 @@
 """Pipeline schedules: which layers each rank holds, how many micro-batches of activations it keeps alive, how long
 a step takes, and (for the picture) when each rank runs each forward and backward.
 
-The five schedules are those parallel/pipeline.py runs (torch.distributed.pipelining). F and B are one micro-batch's
+The five schedules are those parallel/pipeline.py runs (torch.distributed.pipelining); what each needs, the even
+layer split and the stage placement are parallel/rules.py's, shared with the trainer. F and B are one micro-batch's
 forward and backward over all of a rank's layers, W the weight-gradient half of B, p = pp, v = chunks per rank.
 - gpipe: all forwards, then all backwards; every rank keeps all m micro-batches. Bubble (p-1)(F+B).
 - 1f1b: p-r-1 warm-up forwards, then one forward one backward. Rank r keeps p-r micro-batches; bubble (p-1)(F+B).
@@ -20,29 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-V_SCHEDULES = ("zero_bubble", "dualpipev")
+from parallel.rules import PLACEMENT, rank_stages
 
-
-def chunks_per_rank(schedule: str, vpp: int) -> int:
-    return 2 if schedule in V_SCHEDULES else vpp
-
-
-def rank_stages(schedule: str, pp: int, vpp: int, rank: int) -> list[int]:
-    """Global stage indices (0 = holds the embedding) that pipeline rank `rank` runs, in its local chunk order."""
-    if schedule in V_SCHEDULES:
-        return [rank, 2 * pp - 1 - rank]
-    return [chunk * pp + rank for chunk in range(vpp)]
-
-
-def even_split(n_layers: int, stages: int) -> list[int]:
-    """Layers per stage, as even as possible, extra layers on the middle stages (the first holds the embedding,
-    the last the output head and loss)."""
-    base, extra = divmod(n_layers, stages)
-    counts = [base] * stages
-    order = sorted(range(stages), key=lambda s: (s in (0, stages - 1), abs(s - (stages - 1) / 2)))
-    for s in order[:extra]:
-        counts[s] += 1
-    return counts
+V_SCHEDULES = tuple(name for name, placement in PLACEMENT.items() if placement == "v")
 
 
 def balanced_split(layer_costs: Sequence[float], first_extra: float, last_extra: float, stages: int) -> list[int]:
@@ -102,29 +83,6 @@ def bubble_time(schedule: str, pp: int, vpp: int, forward: float, backward: floa
     return (pp - 1) * (forward + backward)
 
 
-def schedule_problem(schedule: str, pp: int, vpp: int, micro_batches: int, n_layers: int) -> Optional[str]:
-    """Why this schedule cannot run with these degrees (None when it can)."""
-    if pp == 1:
-        return None if schedule == "1f1b" and vpp == 1 else "a pipeline schedule needs pp > 1"
-    if schedule in V_SCHEDULES:
-        if vpp != 2:
-            return f"{schedule} runs 2 chunks per rank in a V: vpp=2"
-        if micro_batches < 2 * pp:
-            return f"{schedule} needs at least 2*pp={2 * pp} micro-batches (got {micro_batches})"
-    elif schedule == "interleaved_1f1b":
-        if vpp < 2:
-            return "interleaved_1f1b needs vpp >= 2"
-        if micro_batches % pp:
-            return f"interleaved_1f1b needs micro-batches ({micro_batches}) divisible by pp={pp}"
-    elif vpp != 1:
-        return f"{schedule} runs one chunk per rank: vpp=1"
-    if micro_batches < pp and schedule != "gpipe":
-        return f"{micro_batches} micro-batches cannot fill pp={pp} stages"
-    if pp * chunks_per_rank(schedule, vpp) > n_layers:
-        return f"pp*vpp={pp * chunks_per_rank(schedule, vpp)} stages exceed {n_layers} layers"
-    return None
-
-
 # ---- timeline (for the picture, and to check the closed forms) ------------------------------------------------
 
 
@@ -173,7 +131,7 @@ def simulate(schedule: str, pp: int, vpp: int, m: int, forward: float, backward:
     """When each rank runs each forward / backward; `forward`/`backward` are per micro-batch over all of a rank's
     chunks. gpipe, 1f1b and interleaved_1f1b follow their fixed per-rank orders; zero_bubble and dualpipev run
     greedily (input-gradient first, then a forward within the activation budget, weight gradients to fill gaps)."""
-    chunks = 1 if schedule == "gpipe" else chunks_per_rank(schedule, vpp)
+    chunks = vpp  # the V schedules' two, by the rules
     split_w = schedule in V_SCHEDULES
     f_time, b_time = forward / chunks, backward / chunks
     durations = {"F": f_time, "B": b_time / 2 if split_w else b_time, "W": b_time / 2}

@@ -1,4 +1,8 @@
-"""The chosen layout as a picture: memory per pipeline rank by kind, and the pipeline schedule timeline."""
+"""The chosen layout as a picture: memory per pipeline rank by kind, and the pipeline schedule timeline.
+
+Drawn with matplotlib, which the `plot` extra installs (`pip install 'supertrain[plot]'`); without it the planner
+says so in one line and carries on.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,15 @@ COLOURS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer": "#55a86
            "transient": "#8172b3", "F": "#4c72b0", "B": "#dd8452", "W": "#55a868"}
 
 
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
 def plot_plan(estimate: Estimate, capacity_bytes: float, micro_batches: int, title: str, path: Path) -> Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable("matplotlib is not installed (pip install 'supertrain[plot]')") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,5 +1,6 @@
 """What the planner hands back: the ranked table, the JSON of candidates, and the chosen layout as a
-`configs/parallel/<name>.yaml` that `python -m train parallel=<name>` accepts unchanged."""
+`configs/parallel/<name>.yaml` that `python -m train parallel=<name>` accepts unchanged (the trainer's own
+`ParallelConfig`, from `Layout.to_parallel_config`)."""
 
 from __future__ import annotations
 
@@ -68,36 +69,22 @@ def breakdown(estimate: Estimate) -> str:
 
 def parallel_config(estimate: Estimate, workload: Workload, note: str) -> str:
     """YAML of a parallel config group file. `# @package _global_` lets it set train.* too."""
+    from omegaconf import OmegaConf
+
     layout = estimate.layout
-    counts = list(estimate.stage_layers)
-    lines = [
-        "# @package _global_",
-        f"# Written by the planner: {note}",
-        "parallel:",
-        f"  dp_replicate: {layout.dp_replicate}",
-        f"  dp_shard: {layout.dp_shard}",
-        f"  cp: {layout.cp}",
-        f"  tp: {layout.tp}",
-        f"  pp: {layout.pp}",
-        f"  vpp: {layout.vpp}",
-        f"  ep: {layout.ep}",
-        f"  dp_engine: {layout.dp_engine}",
-        # ParallelConfig reads zero_stage only for DeepSpeed; keep its default otherwise.
-        f"  zero_stage: {layout.zero_stage if layout.dp_engine == 'deepspeed' else 1}",
-        f"  sequence_parallel: {str(layout.sequence_parallel).lower()}",
-        f"  recompute: {layout.recompute}",
-        f"  pp_schedule: {layout.schedule}",
-        # The planner's split (balanced for the output head's cost), stated so train cuts the same stages.
-        f"  pp_layers: [{', '.join(str(c) for c in counts)}]" if layout.pp > 1 else "  pp_layers: []",
-        # The trainer reports its measured step time next to this.
-        f"  predicted_step_s: {estimate.step_time:.6g}",
-        "train:",
-        f"  seq_len: {workload.seq_len}",
-        f"  global_batch: {workload.global_batch}",
-        f"  micro_batch: {layout.micro_batch}",
-        f"  mixed_precision: {workload.precision}",
-    ]
-    return "\n".join(lines) + "\n"
+    # The planner's split (balanced for the output head's cost), stated so train cuts the same stages; the
+    # trainer reports its measured step time next to predicted_step_s.
+    parallel = layout.to_parallel_config(estimate.stage_layers, predicted_step_s=float(f"{estimate.step_time:.6g}"))
+    fields = ("dp_replicate", "dp_shard", "cp", "tp", "pp", "vpp", "ep", "dp_engine", "zero_stage",
+              "sequence_parallel", "recompute", "pp_schedule", "pp_layers", "predicted_step_s")
+    as_dict = OmegaConf.to_container(OmegaConf.structured(parallel), enum_to_str=True)
+    written = {
+        "parallel": {key: as_dict[key] for key in fields},
+        "train": {"seq_len": workload.seq_len, "global_batch": workload.global_batch,
+                  "micro_batch": layout.micro_batch, "mixed_precision": workload.precision},
+    }
+    header = f"# @package _global_\n# Written by the planner: {note}\n"
+    return header + OmegaConf.to_yaml(OmegaConf.create(written))
 
 
 def write_parallel_config(folder: Path, name: str, text: str) -> Path:

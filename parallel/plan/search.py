@@ -1,9 +1,12 @@
 """Every valid layout for a device count, pruned by memory, ranked by predicted step time.
 
-The search walks the degrees outermost first (tp, cp, pp, data-parallel split, ep, engine) and drops a whole branch
+The search walks the degrees outermost first (tp, cp, pp, engine, data-parallel split, ep) and drops a whole branch
 as soon as its training state alone cannot fit; then, for each pipeline schedule and micro-batch, it takes the
 cheapest recompute mode that fits (none is faster than selective, which is faster than full, with everything else
-equal). Degrees the user fixes (`Constraints`) are the only values tried for them.
+equal). Degrees the user fixes (`Constraints`) are the only values tried for them, even beyond the search's own
+limits (MAX_TP, MAX_VPP, MIN_CP_CHUNK). What can run is decided by parallel/rules.py, the trainer's own rules: every
+candidate passes `layout_problem` before it is scored, so every plan is runnable (published runs of other software,
+whose layouts are facts, are scored under that software's constraints instead).
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
-from models.config import AttentionKind, ConfigError, ModelConfig
+from configs.errors import ConfigError
+from configs.schema import ModelConfig
+from parallel.layout import DP_ENGINES, RECOMPUTE, SCHEDULES, Layout
 from parallel.plan.estimate import Estimate, Estimator
-from parallel.plan.layout import DP_ENGINES, RECOMPUTE, SCHEDULES, Layout
 from parallel.plan.memory import USABLE_MEMORY_FRACTION
-from parallel.plan.pipeline import schedule_problem
 from parallel.plan.software import Software
+from parallel.rules import (
+    Problem,
+    context_parallel_problem,
+    engine_problem,
+    expert_parallel_problem,
+    layout_problem,
+    pipeline_problem,
+    schedule_problem,
+    tensor_parallel_problem,
+)
 
 # The widest tensor-parallel group we consider: beyond 16 the per-rank matmuls get thin and every layer waits on
 # four collectives, whatever the link.
@@ -101,45 +114,38 @@ def _choices(fixed: Optional[int], options: list[int]) -> list[int]:
     return [fixed] if fixed in options else []
 
 
-def tp_options(model: ModelConfig, world: int, max_tp: int) -> list[int]:
-    options = []
-    for tp in divisors(world):
-        if tp > max_tp:
-            break
-        sizes = [model.n_heads, model.ffn_hidden, model.vocab_size]
-        if model.attention == AttentionKind.gqa:
-            sizes.append(model.n_kv_heads)
-        if model.is_moe:
-            sizes.append(model.moe_ffn_hidden)
-        if all(size % tp == 0 for size in sizes):
-            options.append(tp)
-    return options
+def tp_options(model: ModelConfig, world: int, max_tp: int, fixed: Optional[int] = None) -> list[int]:
+    """Tensor-parallel degrees the rules allow, up to max_tp (a fixed degree is tried whatever its size)."""
+    return [tp for tp in divisors(world)
+            if (tp <= max_tp or tp == fixed) and tensor_parallel_problem(model, tp) is None]
 
 
-def _engines(c: Constraints, tp: int, pp: int, cp: int, ep: int, dp: int, software: Software) -> list[tuple[str, int]]:
-    """(dp_engine, zero_stage) pairs that parallel/apply.py runs: FSDP2 (ZeRO-3) with anything; DDP without
-    expert parallelism, and with pipelines only when there is no data parallelism; DeepSpeed for pure data
-    parallelism. Megatron (published runs) has one engine, described by its `Software`."""
+# (dp_engine, zero_stage): FSDP2 is ZeRO-3, DDP ZeRO-0, DeepSpeed one of its stages.
+ENGINES = (("fsdp", 3), ("ddp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3))
+
+
+def _engines(c: Constraints, software: Software) -> list[tuple[str, int]]:
+    """(dp_engine, zero_stage) pairs to try; which combine with which degrees is parallel/rules.py's engine rule.
+    Megatron (published runs) has one engine, described by its `Software`."""
     if software.megatron_states:
         return [("ddp", 0)]
-    engines: list[tuple[str, int]] = [("fsdp", 3)]
-    if ep == 1 and (pp == 1 or dp == 1):
-        engines.append(("ddp", 0))
-    if tp == pp == cp == ep == 1:
-        engines += [("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+    engines = list(ENGINES)
     if c.dp_engine is not None:
         engines = [e for e in engines if e[0] == c.dp_engine]
     if c.zero_stage is not None:
-        engines = [e for e in engines if e[1] == c.zero_stage or e[0] == "fsdp" and c.zero_stage == 3]
+        engines = [e for e in engines if e[1] == c.zero_stage]
     return engines
 
 
-def _schedules(c: Constraints, pp: int, n_layers: int) -> list[tuple[str, int]]:
+def _schedules(c: Constraints, model: ModelConfig, pp: int) -> list[tuple[str, int]]:
+    """(schedule, vpp) pairs for pp pipeline ranks: one stage per rank, the V schedules' two, interleaved up to
+    MAX_VPP (or the fixed vpp); what each needs of the micro-batches is checked per candidate."""
     if pp == 1:
         return [("1f1b", 1)] if c.schedule in (None, "1f1b") and c.vpp in (None, 1) else []
+    interleaved = range(2, max(MAX_VPP, c.vpp or 0) + 1)
     options = [("gpipe", 1), ("1f1b", 1), ("zero_bubble", 2), ("dualpipev", 2)]
-    options += [("interleaved_1f1b", v) for v in range(2, MAX_VPP + 1)]
-    options = [(s, v) for s, v in options if pp * v <= n_layers]
+    options += [("interleaved_1f1b", v) for v in interleaved]
+    options = [(s, v) for s, v in options if pipeline_problem(model, pp, v) is None]
     options = [(s, v) for s, v in options if s == c.schedule or c.schedule is None and s in c.allowed_schedules]
     if c.vpp is not None:
         options = [(s, v) for s, v in options if v == c.vpp]
@@ -157,14 +163,16 @@ def replicate_options(dp: int, inner: int, domains: list[int]) -> list[int]:
 
 
 def meshes(model: ModelConfig, world: int, seq_len: int, global_batch: int, c: Constraints,
-           max_tp: int = MAX_TP) -> Iterator[tuple[int, int, int, int]]:
-    """(tp, cp, pp, dp) combinations whose product is the world size."""
-    for tp in _choices(c.tp, tp_options(model, world, max_tp)):
+           max_tp: int = MAX_TP, trainer_rules: bool = True) -> Iterator[tuple[int, int, int, int]]:
+    """(tp, cp, pp, dp) combinations whose product is the world size. Context parallelism is tried only where each
+    rank keeps at least MIN_CP_CHUNK tokens (a fixed cp always) and, for supertrain, where the rules allow it."""
+    for tp in _choices(c.tp, tp_options(model, world, max_tp, c.tp)):
         rest = world // tp
-        cps = [cp for cp in divisors(rest) if seq_len % (2 * cp) == 0 and seq_len // cp >= MIN_CP_CHUNK] or [1]
-        for cp in _choices(c.cp, cps):
-            # Tied embeddings live on one stage only (parallel/dims.py refuses them with pp > 1).
-            pps = [p for p in divisors(rest // cp) if p <= model.n_layers and (p == 1 or not model.tie_embeddings)]
+        cps = [cp for cp in divisors(rest) if cp == c.cp or seq_len % (2 * cp) == 0 and seq_len // cp >= MIN_CP_CHUNK]
+        if trainer_rules:
+            cps = [cp for cp in cps if context_parallel_problem(cp) is None]
+        for cp in _choices(c.cp, cps or [1]):
+            pps = [p for p in divisors(rest // cp) if pipeline_problem(model, p, 1) is None]
             for pp in _choices(c.pp, pps):
                 dp = rest // (cp * pp)
                 if global_batch % dp == 0:
@@ -201,23 +209,24 @@ def search(estimator: Estimator, world: int, constraints: Constraints = Constrai
     smallest = float("inf")
     c = constraints
     sp_options = [None] if c.sequence_parallel is None else [c.sequence_parallel]
-    for tp, cp, pp, dp in meshes(model, world, wl.seq_len, wl.global_batch, c, max_tp):
-        for dp_engine, zero_stage in _engines(c, tp, pp, cp, 1, dp, estimator.software):
+    rules = estimator.software.trainer_rules
+    for tp, cp, pp, dp in meshes(model, world, wl.seq_len, wl.global_batch, c, max_tp, rules):
+        for dp_engine, zero_stage in _engines(c, estimator.software):
             for dp_replicate, dp_shard in dp_splits(dp_engine, dp, tp * cp, domains, c):
-                eps = [1]
-                if model.is_moe and dp_engine == "fsdp":
-                    eps = [e for e in divisors(dp_shard) if model.n_routed_experts % e == 0]
+                eps = [e for e in divisors(dp_shard) if expert_parallel_problem(model, e, dp_shard) is None]
                 for ep in _choices(c.ep, eps):
+                    if rules and engine_problem(dp_engine, zero_stage, tp, pp, cp, ep, dp_replicate, dp) is not None:
+                        continue
                     for sequence_parallel in sp_options:
                         base = Layout(tp=tp, pp=pp, cp=cp, ep=ep, dp_replicate=dp_replicate, dp_shard=dp_shard,
                                       dp_engine=dp_engine, zero_stage=zero_stage,
-                                      sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel)
+                                      sequence_parallel=tp > 1 and sequence_parallel is not False)
                         floor = estimator.state_floor(base)
                         smallest = min(smallest, floor)
                         if floor > capacity:
                             pruned += 1
                             continue
-                        for schedule, vpp in _schedules(c, pp, model.n_layers):
+                        for schedule, vpp in _schedules(c, model, pp):
                             found_here, count = _micro_batches(
                                 estimator, base.with_(schedule=schedule, vpp=vpp), dp, c, capacity)
                             evaluated += count
@@ -237,8 +246,7 @@ def _micro_batches(estimator: Estimator, base: Layout, dp: int, c: Constraints, 
     found, evaluated = [], 0
     for micro_batch in _choices(c.micro_batch, divisors(per_rank)):
         layout = base.with_(micro_batch=micro_batch)
-        m = layout.micro_batches(wl.global_batch)
-        if schedule_problem(layout.schedule, layout.pp, layout.vpp, m, wl.model.n_layers):
+        if _problem(layout, estimator) is not None:
             continue
         fitted = False
         for recompute in ([c.recompute] if c.recompute else list(RECOMPUTE)):
@@ -252,3 +260,27 @@ def _micro_batches(estimator: Estimator, base: Layout, dp: int, c: Constraints, 
         if not fitted and c.micro_batch is None:
             break  # a larger micro-batch needs more memory still
     return found, evaluated
+
+
+def _problem(layout: Layout, estimator: Estimator) -> Optional[Problem]:
+    """Why the trainer could not run `layout` (parallel/rules.py); for other software's published runs only what
+    the schedule model itself needs of the micro-batches."""
+    wl = estimator.workload
+    if estimator.software.trainer_rules:
+        return layout_problem(layout, wl.model, wl.global_batch)
+    return schedule_problem(layout.schedule, layout.pp, layout.vpp, layout.micro_batches(wl.global_batch))
+
+
+def fixed_choice_problem(model: ModelConfig, c: FixedChoices) -> Optional[Problem]:
+    """A degree the user fixed that the rules refuse whatever the others are, to name instead of finding nothing."""
+    checks = (
+        (c.tp is not None, lambda: tensor_parallel_problem(model, c.tp)),
+        (c.cp is not None, lambda: context_parallel_problem(c.cp)),
+        (c.pp is not None, lambda: pipeline_problem(model, c.pp, c.vpp or 1)),
+        (c.ep is not None, lambda: expert_parallel_problem(model, c.ep, c.ep)),
+    )
+    for fixed, check in checks:
+        problem = check() if fixed else None
+        if problem is not None:
+            return problem
+    return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.cpu_native import NATIVE_EXPECTED
-from parallel.plan.layout import Layout
+from parallel.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class Software:
     # input and 1/rms (not x/rms too), SwiGLU its two inputs (not silu's output too), and selective recompute
     # recomputes the whole attention call (the Python kernel's P @ V outputs were kept as matmul outputs).
     native_cpu_kernels: bool = False
+    # Layouts must pass the trainer's rules (parallel/rules.py): true for supertrain, whose plans are run; false for
+    # published runs of other software, whose layouts are facts to score, not plans.
+    trainer_rules: bool = True
 
     def fused_attention(self, qk_dim: int, v_dim: int) -> bool:
         return self.flash_attention and (qk_dim == v_dim or self.fused_unequal_head_dims)
@@ -65,12 +68,12 @@ SUPERTRAIN_CPU = Software("supertrain-cpu", overlap_grad_reduce=False, overlap_p
 MEGATRON_2021 = Software(
     "megatron-lm 2021", flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=False, grad_reduce_bytes=2, megatron_states=True, scatter_gather_p2p=True,
-    tp_splits_experts=True,
+    tp_splits_experts=True, trainer_rules=False,
 )
 MEGATRON_CORE = Software(
     "megatron-core 0.6", flash_attention=True, dropout=False, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=True, grad_reduce_bytes=4, megatron_states=True, scatter_gather_p2p=True,
-    tp_splits_experts=True,
+    tp_splits_experts=True, trainer_rules=False,
 )
 SOFTWARE = {s.name: s for s in (SUPERTRAIN, SUPERTRAIN_CPU, MEGATRON_2021, MEGATRON_CORE)}
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.config import Activation, AttentionKind, ModelConfig, attention_params, mlp_params
+from configs.schema import Activation, AttentionKind, ModelConfig
+from models.counts import attention_params, mlp_params
 from parallel.plan.memory import TokenShape
 from parallel.plan.software import SUPERTRAIN, Software
 from parallel.plan.topology import DeviceSpec, LinkTier

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 
 GIB = 1024**3
 
@@ -175,11 +175,12 @@ def measure_host_flops() -> float:
     import torch
 
     from launch.device import measure_matmul_flops
+    from models.kernels import matmul_kernels
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return measure_matmul_flops.__wrapped__(torch.float32, 512, 5)
+        return measure_matmul_flops(matmul_kernels(torch.float32), torch.float32, 512, 5)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,4 +1,5 @@
-"""Check the planner against published training runs (`../shared/validation/published_runs.csv`).
+"""Check the planner against published training runs (`parallel/plan/data/published_runs.csv`, shipped with the
+package; each row names its source).
 
 Each row gives a model shape, a cluster, the layout the authors used and a measured figure. We evaluate that
 layout (the search fills in what the source does not state, e.g. the micro-batch) with the software the run used,
@@ -12,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from models.config import ConfigError, ModelConfig, num_params
+from configs.errors import ConfigError
+from configs.schema import ModelConfig
+from models.counts import num_params
 from parallel.plan.estimate import Estimate, Estimator, Workload
 from parallel.plan.search import Constraints, search
 from parallel.plan.software import MEGATRON_2021, MEGATRON_CORE, SUPERTRAIN, Software
 from parallel.plan.topology import Cluster
 
-REPO = Path(__file__).resolve().parents[2]
-# The workspace's shared table when this checkout sits beside it (it may gain rows), else the copy shipped here
-# (taken from ../shared/validation/published_runs.csv on 2026-11-25) so that a clone on its own still checks.
-_SHARED_RUNS = REPO.parent / "shared" / "validation" / "published_runs.csv"
-PUBLISHED_RUNS = _SHARED_RUNS if _SHARED_RUNS.is_file() else Path(__file__).resolve().parent / "data" / "published_runs.csv"
+PUBLISHED_RUNS = Path(__file__).resolve().parent / "data" / "published_runs.csv"
 METRICS = ("tflops_per_device_incl_recompute", "mfu", "tokens_per_s_per_device", "step_time_s")
 
 

@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HAS_DEEPSPEED, needs_deepspeed
 from harness import run_ranks
 from workers import SMALL, expect_error, train_run, train_runs
+
+# Tens of seconds to minutes: real ranks (or a build) per layout.
+pytestmark = pytest.mark.slow
 
 # Relative tolerance reached in practice is ~1e-7 (float summation order); the bar is 1e-5.
 RTOL = 1e-5
@@ -23,9 +27,11 @@ RTOL = 1e-5
 ENGINES = {
     "ddp": ["parallel.dp_engine=ddp"],
     "fsdp": ["parallel.dp_engine=fsdp"],
-    "zero1": ["parallel.dp_engine=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.dp_engine=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.dp_engine=deepspeed", "parallel.zero_stage=3"],
+    **({
+        "zero1": ["parallel.dp_engine=deepspeed", "parallel.zero_stage=1"],
+        "zero2": ["parallel.dp_engine=deepspeed", "parallel.zero_stage=2"],
+        "zero3": ["parallel.dp_engine=deepspeed", "parallel.zero_stage=3"],
+    } if HAS_DEEPSPEED else {}),
 }
 HSDP = ["parallel.dp_engine=fsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2"]
 
@@ -113,6 +119,7 @@ def test_dcp_checkpoint_reshards_to_another_world_size(world4, world2, name):
     _assert_steps_match(world4[name][0]["steps"], world2["fsdp"][0]["steps"], range(6, 11))
 
 
+@needs_deepspeed
 def test_incompatible_checkpoints_are_refused(base, world2):
     native = base / "w2_fsdp" / "checkpoints" / "step_5"
     deepspeed = base / "w2_zero2" / "checkpoints" / "step_5"
@@ -143,6 +150,7 @@ ONEDNN_SIZED = ["model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4", "m
                 "train.seq_len=128", "train.steps=4"]
 
 
+@needs_deepspeed
 def test_onednn_projections_match_single_process_under_fsdp_and_zero3(base, monkeypatch):
     from models import cpu_linear
 

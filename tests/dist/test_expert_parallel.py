@@ -12,6 +12,9 @@ import pytest
 from harness import run_ranks
 from workers import SMALL, train_run, train_runs
 
+# Tens of seconds to minutes: real ranks (or a build) per layout.
+pytestmark = pytest.mark.slow
+
 RTOL = 1e-5
 MOE = [
     "model=tiny_moe", "model.d_model=64", "model.n_heads=4", "model.ffn_hidden=128", "model.q_lora_rank=32",

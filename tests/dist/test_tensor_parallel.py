@@ -15,6 +15,9 @@ import pytest
 from harness import run_ranks
 from workers import SMALL, train_run, train_runs
 
+# Tens of seconds to minutes: real ranks (or a build) per layout.
+pytestmark = pytest.mark.slow
+
 RTOL = 1e-5
 
 TWO_RANKS = {

@@ -76,7 +76,7 @@ def train_runs(configs: list[list[str]]) -> list[dict[str, Any]]:
 
 def expect_error(overrides: list[str]) -> str:
     """Run a config that must fail with a ConfigError; return its message."""
-    from models.config import ConfigError
+    from configs.errors import ConfigError
 
     try:
         train_run(overrides)

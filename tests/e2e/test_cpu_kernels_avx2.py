@@ -9,6 +9,9 @@ import pytest
 from models import cpu_native
 from conftest import REPO, clean_env
 
+# Tens of seconds to minutes: real ranks (or a build) per layout.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.skipif(not cpu_native.NATIVE_EXPECTED, reason="no C++ kernels are built on this CPU")
 def test_avx2_build_matches_aten():

@@ -2,13 +2,17 @@
 
 import pytest
 
-from conftest import FAST, read_metrics, run_train
+from conftest import FAST, needs_deepspeed, read_metrics, run_train
 from train.checkpoint import committed_checkpoints
+
+# Tens of seconds to minutes: real ranks (or a build) per layout.
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
     "engine",
-    [["parallel.dp_shard=4", "parallel.dp_engine=fsdp"], ["parallel.dp_engine=deepspeed", "parallel.zero_stage=3"]],
+    [["parallel.dp_shard=4", "parallel.dp_engine=fsdp"],
+     pytest.param(["parallel.dp_engine=deepspeed", "parallel.zero_stage=3"], marks=needs_deepspeed)],
     ids=["fsdp", "zero3"],
 )
 def test_four_ranks_train_and_resume(tmp_path, engine):

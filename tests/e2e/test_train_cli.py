@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from conftest import FAST, REPO, clean_env, losses_by_step, read_metrics, run_train
 from models import cpu_native
@@ -59,6 +60,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path):
     assert [m["grad_norm"] for m in read_metrics(resumed) if "loss" in m] == [norms[s] for s in (4, 5, 6)]
 
 
+@pytest.mark.slow
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
     """SIGKILL a run while it writes step_2; the step-1 checkpoint stays good and the run resumes from it."""
     run_dir = tmp_path / "run"
@@ -125,7 +127,7 @@ def test_start_up_line_names_the_cpu_kernels(tmp_path):
     result = run_train([*FAST, "train.steps=1", f"run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr
     expected = "fused " if cpu_native.NATIVE_EXPECTED else "ATen ops"
-    assert f"Device(cpu, backend=gloo, fp32 ops: {expected}" in result.stderr
+    assert "Device(cpu, backend=gloo" in result.stderr and f"fp32 ops: {expected}" in result.stderr
 
 
 def test_online_wandb_without_key_exits_with_one_line(tmp_path):

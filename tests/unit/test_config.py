@@ -2,8 +2,9 @@
 
 import pytest
 
-from models.config import ConfigError
-from train.config import Config, DPEngine, Precision, load_config
+from configs.errors import ConfigError
+from configs.schema import DPEngine, Precision
+from train.config import Config, load_config
 
 
 def test_default_config_is_typed():

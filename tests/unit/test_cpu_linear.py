@@ -106,12 +106,13 @@ def test_unknown_route_names_the_variable_and_the_choices():
     assert str(error.value) == "SUPERTRAIN_CPU_LINEAR='mkl' is not a route: use one of auto, onednn, aten"
 
 
-def test_bad_route_stops_device_selection(monkeypatch):
-    from launch.device import DeviceError, resolve_device
+def test_bad_route_stops_the_kernel_set_up(monkeypatch):
+    from configs.errors import ConfigError
+    from models.kernels import prepare_kernels
 
     monkeypatch.setattr(cpu_linear, "LINEAR_ROUTE_ERROR", "SUPERTRAIN_CPU_LINEAR='mkl' is not a route")
-    with pytest.raises(DeviceError, match="SUPERTRAIN_CPU_LINEAR='mkl'"):
-        resolve_device("cpu")
+    with pytest.raises(ConfigError, match="SUPERTRAIN_CPU_LINEAR='mkl'"):
+        prepare_kernels("cpu")
 
 
 def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch, any_size):

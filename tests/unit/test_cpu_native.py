@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.device import DeviceError, resolve_device
+from configs.errors import ConfigError
+from models.kernels import prepare_kernels
 from models import cpu_native
 from models.cpu_attention import QUERY_BLOCK
 from models.ops import causal_attention, rms_norm, swiglu
-from models.transformer import build_model, canonical_name, materialize
+from models.transformer import build_model
+from parallel.materialize import canonical_name, materialize
 from parallel.recompute import apply_recompute
 from train.config import load_config
 
@@ -69,10 +71,10 @@ def test_bad_routes_name_the_variable_and_the_fix():
                                 "(aarch64, SVE256): unset it or use aten")
 
 
-def test_resolve_device_refuses_a_bad_route(monkeypatch):
+def test_kernel_set_up_refuses_a_bad_route(monkeypatch):
     monkeypatch.setattr(cpu_native, "ROUTE_ERROR", "SUPERTRAIN_CPU_KERNELS='fast' is not a route")
-    with pytest.raises(DeviceError, match="SUPERTRAIN_CPU_KERNELS='fast'"):
-        resolve_device("cpu")
+    with pytest.raises(ConfigError, match="SUPERTRAIN_CPU_KERNELS='fast'"):
+        prepare_kernels("cpu")
 
 
 def test_taken_for_plain_fp32_cpu_tensors_only():
@@ -118,8 +120,8 @@ def test_a_failed_build_under_auto_warns_once_and_falls_back(broken_build, caplo
 def test_a_failed_build_under_native_stops_the_run(broken_build, monkeypatch):
     monkeypatch.setenv(cpu_native.ROUTE_VARIABLE, "native")
     expected = "SUPERTRAIN_CPU_KERNELS=native, but building cpu_kernels.cpp failed: .*error"
-    with pytest.raises(DeviceError, match=expected):
-        resolve_device("cpu").prepare_process()
+    with pytest.raises(ConfigError, match=expected):
+        prepare_kernels("cpu")
 
 
 # ---- values and gradients --------------------------------------------------------------------------------------

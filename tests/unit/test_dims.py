@@ -3,18 +3,14 @@ group exists; every error is one line naming every degree, the world size and th
 
 import pytest
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 from parallel.dims import LayoutError, ParallelDims
 from train.config import load_config
 
 
 def dims(world_size: int, *overrides: str) -> ParallelDims:
     cfg = load_config(list(overrides))
-    from parallel.apply import check_supported
-
-    result = ParallelDims.from_config(cfg.parallel, world_size, cfg.model, cfg.train)
-    check_supported(cfg, result)
-    return result
+    return ParallelDims.from_config(cfg.parallel, world_size, cfg.model, cfg.train)
 
 
 def test_dp_shard_fills_the_world():
@@ -71,13 +67,12 @@ def test_bad_tensor_parallel_layouts(world, overrides, expected):
 
 
 def test_kv_heads_neither_dividing_nor_divided_by_tp():
-    from parallel.tensor import check_tensor_parallel
-
-    cfg = load_config(["model.n_heads=12", "model.n_kv_heads=3", "model.d_model=384"]).model
+    three_kv = ["model.n_heads=12", "model.n_kv_heads=3", "model.d_model=384", "model.ffn_hidden=768",
+                "model.vocab_size=768"]
     with pytest.raises(LayoutError, match="tp=4 with n_kv_heads=3"):
-        check_tensor_parallel(cfg, 4)
-    check_tensor_parallel(cfg, 3)  # splits evenly
-    check_tensor_parallel(load_config(["model.n_kv_heads=2"]).model, 4)  # replicated kv heads
+        dims(4, *three_kv, "parallel.tp=4", "train.micro_batch=16")
+    assert dims(3, *three_kv, "parallel.tp=3", "train.micro_batch=16").tp == 3  # splits evenly
+    assert dims(4, "model.n_kv_heads=2", "parallel.tp=4", "train.micro_batch=16").tp == 4  # replicated kv heads
 
 
 @pytest.mark.parametrize(
@@ -93,3 +88,18 @@ def test_bad_moe_layouts(world, overrides, expected):
     with pytest.raises(ConfigError) as error:
         dims(world, *overrides)
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_deepspeed_without_the_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    from launch.env import RankInfo
+    from train.__main__ import prepare
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *more: None if name == "deepspeed" else real_find_spec(name, *more))
+    cfg = load_config(["device=cpu", "parallel.dp_engine=deepspeed"])
+    with pytest.raises(ConfigError) as error:
+        prepare(cfg, RankInfo(rank=0, local_rank=0, world_size=2))
+    assert "pip install 'supertrain[deepspeed]'" in str(error.value) and "\n" not in str(error.value)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.attention import build_attention
-from models.config import ModelConfig
+from configs.schema import ModelConfig
 from models.mla import MultiHeadLatentAttention
 from models.ops import apply_rope, rope_tables
 

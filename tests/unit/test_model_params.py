@@ -1,4 +1,4 @@
-"""Parameter and FLOP counting: the arithmetic in models/config.py against the modules it describes and against the
+"""Parameter and FLOP counting: the arithmetic in models/counts.py against the modules it describes and against the
 figures the model authors publish."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ModelConfig, embedding_params, flops_per_token, num_params
+from configs.schema import ModelConfig
+from models.counts import embedding_params, flops_per_token, num_params
 from models.moe import MoE
 from models.transformer import build_model
-from train.config import CONFIG_DIR, load_config
+from configs import CONFIG_DIR
+from train.config import load_config
 
 MODEL_CONFIGS = sorted(path.stem for path in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from models import ops
-from models.config import Activation, ConfigError, ModelConfig, MoEConfig, ScoreFn
-from models.moe import GroupedExperts, MoE, sequence_balance_loss, set_aux_loss_scale, update_load_balance
-from models.transformer import build_model, materialize
+from configs.errors import ConfigError
+from configs.schema import Activation, ModelConfig, MoEConfig, ScoreFn
+from models.moe import GroupedExperts, MoE, sequence_balance_loss, update_load_balance
+from models.transformer import build_model
+from parallel.materialize import materialize
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -25,9 +27,9 @@ def moe_config(**overrides) -> ModelConfig:
     return ModelConfig(**shape, moe=MoEConfig(**moe))
 
 
-def build_block(cfg: ModelConfig, seed: int = 0) -> MoE:
+def build_block(cfg: ModelConfig, seed: int = 0, aux_loss_scale: float = 1.0) -> MoE:
     torch.manual_seed(seed)
-    block = MoE(cfg)
+    block = MoE(cfg, aux_loss_scale)
     with torch.no_grad():
         for param in block.parameters():
             param.normal_(0.0, 0.2)
@@ -271,9 +273,8 @@ def test_tokens_are_counted_once_under_activation_checkpointing_and_not_in_eval(
 
 def test_aux_loss_adds_its_gradient_without_changing_the_output() -> None:
     coef, scale = 0.3, 0.5
-    with_aux = build_block(moe_config(moe={"aux_loss_coef": coef})).train()
+    with_aux = build_block(moe_config(moe={"aux_loss_coef": coef}), aux_loss_scale=scale).train()
     without = build_block(moe_config(moe={"aux_loss_coef": 0.0})).train()
-    set_aux_loss_scale(with_aux, scale)
     x = torch.randn(3, 8, 32)
 
     out = with_aux(x)

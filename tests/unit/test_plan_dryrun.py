@@ -8,7 +8,7 @@ import torch.distributed as dist
 from parallel.plan.config import load_plan_config
 from parallel.plan.dryrun import dry_run
 from parallel.plan.estimate import Estimator, Workload
-from parallel.plan.layout import Layout
+from parallel.layout import Layout
 from parallel.plan.topology import build_cluster
 
 

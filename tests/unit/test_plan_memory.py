@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.transformer import build_model, materialize
+from configs.schema import ModelConfig
+from models.transformer import build_model
+from parallel.materialize import materialize
 from parallel.engine import token_cross_entropy
 from parallel.plan.config import load_plan_config
 from parallel.plan.estimate import Estimator, RankPlan, Workload
-from parallel.plan.layout import Layout
+from parallel.layout import Layout
 from parallel.plan.measure import LiveTensorMeter, SavedTensorMeter, state_bytes
 from parallel.plan.memory import TokenShape, layer_activation_bytes
 from parallel.plan.pipeline import in_flight

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.config import num_params
+from models.counts import num_params
 from models.transformer import build_model
 from parallel.plan.config import load_plan_config
 from parallel.plan.params import ParamTensor, chunk_rows, model_tensors, split_shape

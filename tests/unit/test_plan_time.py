@@ -6,7 +6,7 @@ import pytest
 
 from parallel.plan.config import load_plan_config
 from parallel.plan.estimate import Estimator, Workload
-from parallel.plan.layout import Layout
+from parallel.layout import Layout
 from parallel.plan.pipeline import bubble_time, simulate
 from parallel.plan.time import all_gather, all_reduce, all_to_all
 from parallel.plan.topology import LinkTier, build_cluster

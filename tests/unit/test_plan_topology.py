@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError
+from configs.errors import ConfigError
 from parallel.plan.config import load_plan_config
 from parallel.plan.topology import GIB, build_cluster
 

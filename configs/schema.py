@@ -1,8 +1,10 @@
-"""Model shapes, parameter counts and training FLOPs.
+"""The typed configuration shared by every package: model shapes, parallel degrees, the device kind and the training
+run's batch and precision.
 
-One `ModelConfig` describes every model we build: dense Llama-style (GQA, SwiGLU or GELU), DeepSeek-style MoE
-(shared + routed experts) and multi-head latent attention (MLA). The counting functions are pure arithmetic on the
-config, so the planner can use them for models far too large to build.
+Each dataclass is one Hydra config group (registered as a structured config by `configs.loading`); `__post_init__`
+rejects impossible values with a `ConfigError` whose message is one line naming the value and the fix, before any
+process group or model exists. Groups only the trainer reads (data, optimizer, logging, checkpoints) live in
+train/config.py; the planner's own fields in parallel/plan/config.py.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+from configs.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work. The message is one line naming the value and the fix."""
+# ---- model ----------------------------------------------------------------------------------------------------
 
 
 class Activation(str, Enum):
@@ -186,69 +188,104 @@ class ModelConfig:
         return self.n_layers - self.n_dense_layers if self.is_moe else 0
 
 
-# ---- parameter counts ---------------------------------------------------------------------------------------
+# ---- device, parallel layout, training run ----------------------------------------------------------------------
 
 
-def attention_params(cfg: ModelConfig) -> int:
-    """Parameters of one attention block (projections and any internal norms), without the pre-norm."""
-    d, h = cfg.d_model, cfg.n_heads
-    if cfg.attention == AttentionKind.mla:
-        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        if cfg.q_lora_rank:
-            q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * qk
-        else:
-            q = d * h * qk
-        kv = (
-            d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-            + cfg.kv_lora_rank
-            + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        )
-        return q + kv + h * cfg.v_head_dim * d
-    hd = cfg.head_dim
-    return d * h * hd + 2 * d * cfg.n_kv_heads * hd + h * hd * d
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
 
 
-def mlp_params(cfg: ModelConfig, hidden: int) -> int:
-    matrices = 3 if cfg.activation == Activation.swiglu else 2
-    return matrices * cfg.d_model * hidden
+class DPEngine(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed = "deepspeed"
 
 
-def moe_params(cfg: ModelConfig, active_only: bool = False) -> int:
-    """One MoE feed-forward block: router, routed experts (all, or the top_k a token uses) and shared experts."""
-    routed = cfg.top_k if active_only else cfg.n_routed_experts
-    expert = mlp_params(cfg, cfg.moe_ffn_hidden)
-    return cfg.d_model * cfg.n_routed_experts + (routed + cfg.n_shared_experts) * expert
+class Recompute(str, Enum):
+    none = "none"
+    selective = "selective"
+    full = "full"
 
 
-def layer_params(cfg: ModelConfig, layer_id: int, active_only: bool = False) -> int:
-    ffn = moe_params(cfg, active_only) if cfg.is_moe_layer(layer_id) else mlp_params(cfg, cfg.ffn_hidden)
-    return attention_params(cfg) + ffn + 2 * cfg.d_model
+# Pipeline schedules by name. A plain tuple rather than an Enum: OmegaConf validates enums by member name, and "1f1b"
+# is not an identifier. What each one requires lives in parallel/rules.py, shared by the trainer and the planner.
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
 
 
-def embedding_params(cfg: ModelConfig) -> int:
-    return cfg.vocab_size * cfg.d_model
+@dataclass
+class DeviceConfig:
+    # auto | cpu | cuda | npu; auto prefers npu, then cuda, then cpu. The names are launch/device.py's, the one
+    # module that names accelerators; the trainer's config checks the value against them as it loads.
+    type: str = "auto"
 
 
-def output_params(cfg: ModelConfig) -> int:
-    """The output head's own parameters (zero when it shares the embedding)."""
-    return 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+@dataclass
+class ParallelConfig:
+    """Degrees of each kind of parallelism. dp_replicate * dp_shard * cp * tp * pp = world size."""
+
+    dp_replicate: int = 1
+    # -1: whatever the world size leaves after the other degrees.
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    # Virtual pipeline stages per rank (interleaved schedules).
+    vpp: int = 1
+    # Expert parallel degree, carved out of dp_shard * cp.
+    ep: int = 1
+    dp_engine: DPEngine = DPEngine.fsdp
+    # ZeRO stage for dp_engine=deepspeed (1, 2 or 3).
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    recompute: Recompute = Recompute.none
+    pp_schedule: str = "1f1b"
+    # Layers per pipeline stage, overriding the even split (length pp * vpp); empty = even split.
+    pp_layers: list[int] = field(default_factory=list)
+    compile: bool = False
+    # Step time the planner predicted for this layout (it writes this field); the trainer reports its measured step
+    # time beside it. None = not planned.
+    predicted_step_s: Optional[float] = None
+    # Seconds a rank waits for the others while starting up, and for one collective during training.
+    init_timeout_s: int = 600
+    step_timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        for key in ("dp_replicate", "cp", "tp", "pp", "vpp", "ep"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the rest of the world")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
+        if self.init_timeout_s <= 0 or self.step_timeout_s <= 0:
+            raise ConfigError("parallel.init_timeout_s and parallel.step_timeout_s must be > 0 seconds")
 
 
-def num_params(cfg: ModelConfig, active_only: bool = False) -> int:
-    """Total parameters; with active_only, those one token passes through (top_k of the routed experts)."""
-    layers = sum(layer_params(cfg, i, active_only) for i in range(cfg.n_layers))
-    return embedding_params(cfg) + layers + cfg.d_model + output_params(cfg)
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    seq_len: int = 256
+    # Sequences per optimizer step, whatever the layout.
+    global_batch: int = 16
+    # Sequences per rank per forward pass; gradient accumulation makes up the rest of the global batch.
+    micro_batch: int = 8
+    mixed_precision: Precision = Precision.bf16
+    grad_clip: float = 1.0
+    # Steps between evaluations on the held-out split (0 = never); eval_batches global batches each time.
+    eval_every: int = 100
+    eval_batches: int = 2
 
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 N_matmul + attention score and value products.
-
-    N_matmul is every activated parameter but the embedding lookup (a tied embedding still counts once, as the
-    output head); norm weights are included, a rounding error. The attention term counts the full (non-causal) QK^T and AV
-    products, 6 * seq * n_heads * (qk_dim + v_dim) per layer, the convention of PaLM, Megatron and torchtitan.
-    """
-    matmul_params = num_params(cfg, active_only=True)
-    if not cfg.tie_embeddings:
-        matmul_params -= embedding_params(cfg)
-    attention = 6 * cfg.n_layers * seq_len * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim)
-    return 6.0 * matmul_params + attention
+    def __post_init__(self) -> None:
+        for key in ("steps", "seq_len", "global_batch", "micro_batch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"train.micro_batch={self.micro_batch} does not divide train.global_batch={self.global_batch}"
+            )
+        if self.grad_clip < 0 or self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError("train.grad_clip and train.eval_every must be >= 0 and train.eval_batches >= 1")
