@@ -134,7 +134,7 @@ class EngineBase:
     `data_group`: the ranks that see different tokens, over which MoE token counts add up. None = this process alone.
     """
 
-    kind = "native"
+    kind: str
 
     def __init__(
         self,
@@ -233,6 +233,8 @@ class NativeEngine(EngineBase):
     `expert_grad_divisor`: expert-parallel gradients arrive summed over the ep group (parallel/expert.py) and are
     divided by it. `stage_group`: pipeline ranks, whose gradient norms add up.
     """
+
+    kind = "native"
 
     def __init__(
         self,

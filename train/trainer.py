@@ -66,7 +66,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.engine = build_engine(cfg.model, cfg.parallel, cfg.train, device, dims, mesh, local_rank,
                                    lambda module: build_optimizer(module, cfg.optim))
-        self.schedule = WarmupDecay(cfg.optim, cfg.train.steps)
+        self.lr_schedule = WarmupDecay(cfg.optim, cfg.train.steps)
         self.step = 0
 
         self.checkpoints = ckpt.CheckpointManager(run_dir / "checkpoints", rank, barrier, cfg.checkpoint.keep_last)
@@ -100,7 +100,7 @@ class Trainer:
 
     def train_step(self) -> StepOutput:
         batches = self._rank_batches(self.data.train, self.sampler.next_batch())
-        output = self.engine.train_step(batches, self.schedule.rate(self.step), self.cfg.train.grad_clip)
+        output = self.engine.train_step(batches, self.lr_schedule.rate(self.step), self.cfg.train.grad_clip)
         self.step += 1
         return output
 
@@ -188,7 +188,7 @@ class Trainer:
                 steps_logged += 1
                 metrics = {
                     **self.engine.step_metrics(output),
-                    "lr": self.schedule.rate(self.step - 1),
+                    "lr": self.lr_schedule.rate(self.step - 1),
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu,
                     "memory_bytes": self._max_memory(),
