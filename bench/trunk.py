@@ -18,8 +18,8 @@
    `models.kernels.prepare_kernels` builds or loads the fused CPU kernels).
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
-   alternating the two, five rounds of 10 steps each (with three rounds, runs on this host on 2026-12-03 read from
-   -1.4% to +5.5%, a spread as wide as the target). Target <= 3%.
+   alternating the two, five rounds of 10 steps each (with three rounds, single runs spread from -1.4% to +5.5%, as
+   wide as the target). Target <= 3%.
 """
 
 from __future__ import annotations

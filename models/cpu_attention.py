@@ -11,7 +11,7 @@ recomputed. Measured forward + backward on 2 cores (median of 10, blocks of 128 
 head_dim): (8, 512, 8, 64) 115 -> 84 ms, (8, 512, 4, 128) 96 -> 75 ms, (4, 1024, 4, 128) 134 -> 117 ms; at 2048
 positions the gain is 3% and at 256 ATen's kernel is faster, so only 512-1024 positions come here. Blocks of 64
 took 3-4% less time than 128 here and 4-7% less in the C++ kernel at 512 positions (the same at 1024; paired
-runs, 2026-12-03), and keep 36/64 of the square's probabilities instead of 40/64.
+runs), and keep 36/64 of the square's probabilities instead of 40/64.
 
 Keeping the probabilities costs about seq/2 floats per query and head (144 MB per layer at batch 8, 8 heads,
 1024 positions), which is the other reason longer sequences stay with the flash kernel, which keeps none.

@@ -1,23 +1,18 @@
 """fp32 linear layers on CPU through oneDNN's matmul instead of torch.mm's BLAS (MKL in PyTorch's x86 wheels).
 
-oneDNN generates its kernels for the CPU it runs on (AVX-512 where there is one). On this project's 2-core hosts
-(AMD EPYC with AVX-512, two different hosts on 2026-12-02) its fp32 matmul sustained ~200 and ~385 GFLOP/s where
-torch.mm sustained 135-180 on both (MKL does not appear to use AVX-512 on these AMD CPUs). The results are
-fp32 (relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
+oneDNN generates its kernels for the CPU it runs on (AVX-512 where there is one). On the AMD CPUs with AVX-512
+measured, MKL does not use AVX-512 and oneDNN's fp32 matmul sustained 1.1-2.8x torch.mm's rate. The results are fp32
+(relative error against float64 ~1e-6, like MKL's), not a reduced-precision mode.
 
 All three products of a layer run through oneDNN: forward (x w^T), input gradient (g w) and weight gradient
-(g^T x, inner dimension = tokens). On the first host the weight gradient ran 5-20% slower that way than with
-torch.mm and stayed there; on the second it ran ~60% faster in isolation (250-290 GFLOP/s against ~175) and the
-benchmark step took ~10% less time (median of 8 alternated runs), so it moved: the loss on a host like the first is
-a few percent of its weight-gradient time, the gain on the second a tenth of the step. Since the fourth host it
-runs through the C++ kernels' oriented matmul where they are built (`_weight_gradient`).
+(g^T x, inner dimension = tokens), the last through the C++ kernels' oriented matmul where they are built
+(`_weight_gradient`).
 
-Where it is taken: a third host (AMD EPYC with AVX2 only, 2026-12-02 evening) had both libraries at ~135-170 on
-squares, and there oneDNN's linear lost in backward: it copies a transposed input before multiplying (a 4096 x 1536
-gradient transposed cost ~30 ms in the step), which torch.mm's BLAS avoids with its transpose flags. The benchmark
-step took 3.07-3.21 s with F.linear against 3.36-3.48 s with oneDNN (3 alternated runs each). So oneDNN is taken
-where the CPU has AVX-512 (ATen's CPU capability reports it) and is not Intel's: MKL is Intel's library and is
-expected to use AVX-512 on Intel CPUs, which is not measured here. `SUPERTRAIN_CPU_LINEAR=onednn|aten` overrides.
+Where it is taken: on an AMD CPU with AVX2 only, both libraries ran squares at the same rate and oneDNN's linear lost
+in backward (it copies a transposed input before multiplying, which torch.mm's BLAS avoids with its transpose flags;
+the benchmark step ~8% longer). So oneDNN is taken where the CPU has AVX-512 (ATen's CPU capability reports it) and
+is not Intel's: MKL is Intel's library and is expected to use AVX-512 on Intel CPUs, which is not measured.
+`SUPERTRAIN_CPU_LINEAR=onednn|aten` overrides. The measurements host by host: docs/design_decisions.md.
 """
 
 from __future__ import annotations
@@ -160,7 +155,7 @@ def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Through the C++ kernels where they are built (models/cpu_native.py): oneDNN's batched-matmul entry takes the
     transposed views without copies and, oriented with the shorter feature dimension as rows, ran 15-25% faster
     than this op's matmul over the same views, and than oneDNN's inner-product weight-gradient primitive, whose
-    inputs need copies into oneDNN's layout (fourth host, 2026-12-03). In code that torch.compile traces too, where
+    inputs need copies into oneDNN's layout. In code that torch.compile traces too, where
     the kernels are already loaded (the op is kept whole in the graph); elsewhere this op over transposed views.
     """
     native = cpu_native.Loaded.kernels if torch.compiler.is_compiling() else cpu_native.load()
@@ -222,6 +217,6 @@ def onednn_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> lis
     """[x @ w^T for w in weights] as one product: the outputs are column blocks of one tensor, so x is read once,
     and backward runs one input-gradient product (inner dimension: all outputs together) instead of one per weight
     and the additions of their results. For the q, k and v projections that took 5-10% less time forward and
-    backward than three products (fourth host, 2026-12-03); for SwiGLU's two it took longer, so it is not used
+    backward than three products; for SwiGLU's two it took longer, so it is not used
     there."""
     return list(_OneDnnLinearGroup.apply(x, *weights))
