@@ -218,6 +218,13 @@ class DeviceConfig:
     # auto | cpu | cuda | npu; auto prefers npu, then cuda, then cpu. The names are launch/device.py's, the one
     # module that names accelerators; the trainer's config checks the value against them as it loads.
     type: str = "auto"
+    # Dense BF16 TFLOP/s of one device (one die on Ascend 910C), for MFU; null = launch/device.py's table (or, on
+    # CPU, a matmul measured at start-up). Needed for a device the table does not know.
+    peak_tflops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"device.peak_tflops={self.peak_tflops} must be > 0 (or null for the built-in table)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+import logging
 import os
 import resource
 import time
@@ -21,6 +22,8 @@ import torch
 
 from configs.errors import ConfigError
 
+log = logging.getLogger("supertrain")
+
 CPU, CUDA, NPU = "cpu", "cuda", "npu"
 DEVICE_KINDS = ("auto", CPU, CUDA, NPU)
 
@@ -31,18 +34,37 @@ class DeviceError(ConfigError):
 
 @dataclass(frozen=True)
 class PeakFlops:
-    """Dense BF16 peak of one device (the unit a rank drives) and where the figure comes from."""
+    """Dense BF16 peak of one device (the unit a rank drives) and where the figure comes from; `flops` is None where
+    no figure is known (MFU is then not reported, and the start-up line says how to give one)."""
 
-    flops: float
+    flops: Optional[float]
     source: str
 
 
-# Dense (not sparse) BF16 peaks per device. On Ascend 910C a device is one of the package's two dies.
-# Keys are matched as substrings of the name the runtime reports, most specific first.
+# Ascend SoCs by the name torch_npu reports (torch.npu.get_device_name(): CANN's aclrtGetSocName(), one per die; on
+# A3 each 910C package shows as two devices). The figure is the cube units' dense BF16 rate per die, the matmul
+# engines training FLOPs run on (cores x 16^3 MACs x 2 x clock), which is torchtitan-npu's convention, so MFU figures
+# compare; the vector units add a few percent to the "total" figures vendors quote. Sources: torchtitan-npu
+# torchtitan_npu/patches/tools/metrics.py (per-SoC values, with the totals in its comments); 910C package figure:
+# arXiv 2506.12708. No per-bin figure is published for the other 910C SoCs, so they have none here.
+_NO_910C_BIN_FIGURE = "no published peak for this 910C bin (only Ascend910_9392's is)"
+ASCEND_PEAKS: dict[str, PeakFlops] = {
+    "Ascend910B1": PeakFlops(373.88e12, "Ascend 910B1 cube units, per die (total 400 TFLOPS): torchtitan-npu"),
+    "Ascend910B2": PeakFlops(353.8944e12, "Ascend 910B2 cube units, 24 cores at 1.8 GHz (total 376 TFLOPS): "
+                                          "torchtitan-npu"),
+    "Ascend910B2C": PeakFlops(353.8944e12, "Ascend 910B2C as 910B2 (torchtitan-npu matches it as B2)"),
+    "Ascend910B3": PeakFlops(294.912e12, "Ascend 910B3 cube units, 20 cores at 1.8 GHz (total 313 TFLOPS): "
+                                         "torchtitan-npu"),
+    "Ascend910B4": PeakFlops(245.76e12, "Ascend 910B4 cube units, 20 cores at 1.5 GHz (total 280 TFLOPS): "
+                                        "torchtitan-npu"),
+    "Ascend910B4-1": PeakFlops(245.76e12, "Ascend 910B4-1 as 910B4 (torchtitan-npu matches it as B4)"),
+    "Ascend910_9392": PeakFlops(353.8944e12, "Ascend 910C die, cube units (total 376 TFLOPS, 752 per package, "
+                                             "arXiv 2506.12708): torchtitan-npu"),
+    **{f"Ascend910_93{bin_}": PeakFlops(None, _NO_910C_BIN_FIGURE) for bin_ in ("91", "81", "82", "72", "62", "63")},
+}
+
+# Other accelerators: matched as substrings of the name the runtime reports, most specific first.
 PEAK_BF16_FLOPS: tuple[tuple[str, PeakFlops], ...] = (
-    # 910C ("Ascend910_93xx" SoC names): ~752 TFLOPS per package, two dies.
-    ("Ascend910_93", PeakFlops(376e12, "Ascend 910C per die: 752 TFLOPS/package / 2, arXiv 2506.12708")),
-    ("Ascend910B", PeakFlops(353.9e12, "Ascend 910B2: 24 cube cores at 1.8 GHz, CANN ops-nn issue 6033")),
     ("B200", PeakFlops(2.25e15, "NVIDIA HGX B200 datasheet, dense BF16")),
     ("H800", PeakFlops(989e12, "H800 SXM: H100 compute, DeepSeek-V3 report s3.2.2")),
     ("H100 PCIe", PeakFlops(756e12, "NVIDIA H100 PCIe datasheet, dense BF16")),
@@ -54,10 +76,26 @@ PEAK_BF16_FLOPS: tuple[tuple[str, PeakFlops], ...] = (
 
 
 def lookup_peak_flops(device_name: str) -> Optional[PeakFlops]:
+    """The peak for the name a runtime reports: an Ascend SoC by its exact name, other devices by substring. None for
+    a device this table does not know."""
+    if device_name in ASCEND_PEAKS:
+        return ASCEND_PEAKS[device_name]
     for key, peak in PEAK_BF16_FLOPS:
         if key in device_name:
             return peak
     return None
+
+
+def ascend_generation(soc: str) -> str:
+    """"A2" (Atlas A2, 910B1-B4), "A3" (Atlas A3, the 910C dies) or "910A" (the first 910 family, whose SoC names
+    include a bare "Ascend910B"), from the SoC name torch_npu reports; "unknown" otherwise (a newer chip)."""
+    if soc.startswith("Ascend910_93"):
+        return "A3"
+    if soc.startswith("Ascend910B") and soc != "Ascend910B":
+        return "A2"
+    if soc in ("Ascend910A", "Ascend910ProA", "Ascend910PremiumA", "Ascend910ProB", "Ascend910B"):
+        return "910A"
+    return "unknown"
 
 
 MatmulKernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -140,26 +178,35 @@ class Device:
         if self.kind == CPU:
             # oneDNN runs bf16 natively only on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and slow.
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if self.kind == CUDA:
-            return bool(self.module.is_bf16_supported())
-        return True  # every Ascend 910 generation computes BF16 in its cube units
+        # torch.cuda's, and torch_npu's (False on 910A, True from 910B1 on: its SoC enum, NpuVariables.cpp).
+        return bool(self.module.is_bf16_supported())
+
+    def supports_compile(self) -> bool:
+        """Whether parallel.compile=true may run here: torch_npu's graph backends (torchair, its Inductor route) have
+        not run under this harness, so NPU runs are refused rather than compiled by an untested path."""
+        return self.kind != NPU
 
     def autocast(self, dtype: Optional[torch.dtype]) -> Any:
         """Autocast context for the forward pass; a no-op context when dtype is None (full fp32)."""
         return torch.autocast(device_type=self.kind, dtype=dtype, enabled=dtype is not None)
 
-    def peak_flops(self, dtype: torch.dtype = torch.bfloat16,
-                   cpu_matmuls: Iterable[MatmulKernel] = (torch.mm,)) -> PeakFlops:
-        """Peak that MFU divides by. Accelerators: the datasheet dense BF16 figure. CPU: the best measured rate of
-        `cpu_matmuls` in the training dtype, since no datasheet number is meaningful for an arbitrary CPU and
-        thread count."""
+    def peak_flops(self, dtype: torch.dtype = torch.bfloat16, cpu_matmuls: Iterable[MatmulKernel] = (torch.mm,),
+                   override_tflops: Optional[float] = None) -> PeakFlops:
+        """Peak that MFU divides by: `override_tflops` (device.peak_tflops) when given; on an accelerator the dense
+        BF16 figure of the tables above; on CPU the best measured rate of `cpu_matmuls` in the training dtype, since
+        no datasheet number is meaningful for an arbitrary CPU and thread count."""
+        if override_tflops is not None:
+            return PeakFlops(override_tflops * 1e12, "device.peak_tflops")
         if self.module is None:
             rate = measure_matmul_flops(cpu_matmuls, dtype)
             return PeakFlops(rate, f"measured {dtype} 1024^3 matmul on this CPU (best library), "
                                    f"{torch.get_num_threads()} threads")
-        peak = lookup_peak_flops(self.name())
+        name = self.name()
+        peak = lookup_peak_flops(name)
         if peak is None:
-            return PeakFlops(float("nan"), f"unknown device '{self.name()}': add it to launch.device.PEAK_BF16_FLOPS")
+            return PeakFlops(None, f"no peak known for '{name}': give it with device.peak_tflops=<dense BF16 TFLOPS>")
+        if peak.flops is None:
+            return PeakFlops(None, f"{peak.source}: give '{name}' one with device.peak_tflops=<dense BF16 TFLOPS>")
         return peak
 
     # ---- process set-up -------------------------------------------------------------------------------------
@@ -280,8 +327,8 @@ def resolve_device(kind: str = "auto") -> Device:
             try:
                 if _import_torch_npu().is_available():
                     return Device(NPU, torch.npu)  # type: ignore[attr-defined]
-            except DeviceError:
-                pass
+            except DeviceError as error:
+                log.warning("device=auto: torch_npu is installed but unusable, so not taken (%s)", error)
         if torch.cuda.is_available():
             return Device(CUDA, torch.cuda)
         return Device(CPU)

@@ -8,15 +8,18 @@ through os._exit avoids it (0 aborts in 44 runs, against 20-80% of runs without 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterable, Mapping
 
 import torch.distributed as dist
 
-from launch.device import NPU, Device
+from launch.device import CPU, NPU, Device, ascend_generation
+
+log = logging.getLogger("supertrain")
 
 
 @dataclass(frozen=True)
@@ -39,38 +42,105 @@ def rank_info() -> RankInfo:
     )
 
 
+# Seconds a process-group timeout keeps above HCCL's own, so that HCCL reports a stuck collective (and writes its
+# logs) before the watchdog tears the group down.
+HCCL_MARGIN_S = 60
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds a rank waits: `init_s` while starting up (rendezvous, building the mesh and the model), `step_s` for one
+    collective during training, as the process groups apply them."""
+
+    init_s: int
+    step_s: int
+
+
+def hccl_environment(generation: str, init_timeout_s: int, step_timeout_s: int) -> dict[str, str]:
+    """HCCL's own timeouts from ours: HCCL_CONNECT_TIMEOUT (connecting all ranks) and HCCL_EXEC_TIMEOUT (one
+    collective), in the ranges CANN 8.5 documents (environment-variable reference, HCCL_CONNECT_TIMEOUT and
+    HCCL_EXEC_TIMEOUT): connect [120, 7200] s on every chip; execution [0, 2147483647] s on Atlas A2 and A3 (0 =
+    never), (0, 17340] s on the first 910 generation, which counts it in whole 68 s steps."""
+    if generation == "910A":
+        execution = min(max(step_timeout_s, 68), 17340) // 68 * 68
+    else:
+        execution = min(max(step_timeout_s, 0), _INT32_MAX)
+    return {"HCCL_CONNECT_TIMEOUT": str(min(max(init_timeout_s, 120), 7200)), "HCCL_EXEC_TIMEOUT": str(execution)}
+
+
 def backend_environment(device: Device, init_timeout_s: int, step_timeout_s: int) -> dict[str, str]:
-    """Environment the collective library reads at start-up; values the user already set win."""
+    """Environment the collective library reads at start-up (set where the user has not set it)."""
     if device.kind != NPU:
         return {}
-    return {
-        # HCCL waits this long (s) for all ranks to connect, and this long for one collective to finish; CANN accepts
-        # [120, 7200] and [68, 17340] (CANN environment-variable reference), so values are clamped into them.
-        "HCCL_CONNECT_TIMEOUT": str(min(max(init_timeout_s, 120), 7200)),
-        "HCCL_EXEC_TIMEOUT": str(min(max(step_timeout_s, 68), 17340)),
-    }
+    return hccl_environment(ascend_generation(device.name()), init_timeout_s, step_timeout_s)
 
 
-def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_timeout_s: int) -> None:
+def process_group_timeouts(device: Device, init_timeout_s: int, step_timeout_s: int,
+                           environment: Mapping[str, str] = os.environ) -> Timeouts:
+    """The process groups' timeouts: ours, raised on NPU above the HCCL timeouts in effect (the user's, where set),
+    as torch_npu asks ("the timeout passed to new_group and init_process_group should be larger than
+    HCCL_CONNECT_TIMEOUT and HCCL_EXEC_TIMEOUT", docs TORCH_HCCL_ASYNC_ERROR_HANDLING). HCCL adds 20 s to its socket
+    set-up; an execution timeout of 0 never fires, so it sets no floor."""
+    if device.kind != NPU:
+        return Timeouts(init_timeout_s, step_timeout_s)
+    connect = int(environment.get("HCCL_CONNECT_TIMEOUT", "120"))
+    execution = int(environment.get("HCCL_EXEC_TIMEOUT", "1836"))
+    if ascend_generation(device.name()) == "910A":
+        execution = execution // 68 * 68
+    step = step_timeout_s if execution == 0 else max(step_timeout_s, execution + HCCL_MARGIN_S)
+    return Timeouts(max(init_timeout_s, connect + 20 + HCCL_MARGIN_S), step)
+
+
+def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_timeout_s: int) -> Timeouts:
+    """Start the default process group on this rank's device and return the timeouts in effect.
+
+    On an accelerator the group is bound to the rank's device (`device_id`): NCCL then connects eagerly and DeviceMesh
+    splits its groups from the default communicator. torch_npu 2.13/2.14 accept the binding, but their HCCL backend
+    cannot split (it reports supports_splitting False), and DeviceMesh would then fail creating its groups through
+    split_group; there the binding is dropped again with one line, and the mesh's groups are created one by one (on a
+    large job, RANK_TABLE_FILE lets torch_npu derive them from the global communicator instead).
+    """
     for key, value in backend_environment(device, init_timeout_s, step_timeout_s).items():
         os.environ.setdefault(key, value)
+    timeouts = process_group_timeouts(device, init_timeout_s, step_timeout_s)
     device.set_device(info.local_rank)
+    bound = device.torch_device(info.local_rank) if device.kind != CPU else None
     dist.init_process_group(
         backend=device.backend,
-        timeout=timedelta(seconds=init_timeout_s),
+        timeout=timedelta(seconds=timeouts.init_s),
         rank=info.rank,
         world_size=info.world_size,
-        # Binding the device up front (eager init) is documented for NCCL; HCCL and gloo connect lazily.
-        device_id=device.torch_device(info.local_rank) if device.backend == "nccl" else None,
+        device_id=bound,
     )
+    if bound is not None and not dist.group.WORLD._get_backend(bound).supports_splitting:
+        dist.group.WORLD.bound_device_id = None
+        if info.rank == 0:
+            log.warning("the %s backend cannot split communicators: the device mesh's process groups are created one "
+                        "by one", device.backend)
+    if info.rank == 0 and device.kind == NPU:
+        log.info("timeouts: HCCL connect %ss, execution %ss; process groups %ss at start-up, %ss per collective",
+                 os.environ["HCCL_CONNECT_TIMEOUT"], os.environ["HCCL_EXEC_TIMEOUT"], timeouts.init_s, timeouts.step_s)
+    return timeouts
 
 
-def set_step_timeout(step_timeout_s: int, groups: Optional[list] = None) -> None:
-    """Start-up (rendezvous, first collectives) may be slow; training collectives get their own limit."""
-    from torch.distributed.distributed_c10d import _set_pg_timeout
-
-    for group in groups or [None]:
-        _set_pg_timeout(timedelta(seconds=step_timeout_s), group)
+def set_group_timeouts(groups: Iterable[dist.ProcessGroup], device: Device, seconds: int) -> None:
+    """Give every group this timeout, on every backend: torch's _set_pg_timeout changes only gloo and NCCL groups
+    (for hccl it warns and returns), and only the group it is given, while each DeviceMesh subgroup starts with its
+    backend's default (30 min; torch_npu's watchdog then HCCL_EXEC_TIMEOUT + 30 min). ProcessGroup.set_timeout
+    reaches each backend of a group; torch_npu's HCCL backend takes the change (ProcessGroupHCCL::setTimeout, bound as
+    _set_default_timeout, in torch_npu 2.13 and 2.14). A backend that takes neither keeps its timeout, with one line."""
+    timeout = timedelta(seconds=seconds)
+    for group in groups:
+        try:
+            group.set_timeout(timeout)
+        except RuntimeError:
+            backend = group._get_backend(device.torch_device())
+            if hasattr(backend, "_set_default_timeout"):
+                backend._set_default_timeout(timeout)
+            else:
+                log.warning("the %s backend cannot change a group's timeout: %s keeps its own", device.backend,
+                            group.group_name)
 
 
 def shutdown(code: int, clean: bool = True) -> None:

@@ -122,6 +122,14 @@ class Meshes:
             return self.flattened[names]
         return self.world[names]
 
+    def groups(self) -> list:
+        """This rank's process group of every mesh dimension and flattened view (each once)."""
+        found = {}
+        for mesh in (self.world, *self.flattened.values()):
+            for group in mesh.get_all_groups():
+                found[group.group_name] = group
+        return list(found.values())
+
 
 def _degrees(dp_replicate: int, dp_shard: int | str, cp: int, tp: int, pp: int, ep: int) -> str:
     return f"dp_replicate={dp_replicate} dp_shard={dp_shard} cp={cp} tp={tp} pp={pp} ep={ep}"

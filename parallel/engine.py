@@ -89,14 +89,16 @@ def _single_process_is_intended() -> Iterator[None]:
 
 
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor], max_norm: float, stage_group: Optional[dist.ProcessGroup] = None
+    parameters: Iterable[torch.Tensor], max_norm: float, stage_group: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Norm of all gradients as if the model were on one device, then scale them so it is at most max_norm (> 0).
 
     Gradients may mix DTensors on different meshes and placements (TP shards, FSDP shards, replicated norm weights
     under TP) with plain tensors; torch's clip_grad_norm_ refuses such a mix, so each kind is normed on its own
     (a DTensor norm counts each shard once and replicas once) and the squares are added. With pipeline stages,
-    `stage_group` adds the other stages' squares.
+    `stage_group` adds the other stages' squares; a rank without gradients contributes zero, made on `device` (the
+    rank's), since NCCL and HCCL take device tensors only.
     """
     groups: dict[Any, list[torch.Tensor]] = defaultdict(list)
     for param in parameters:
@@ -108,7 +110,7 @@ def clip_grad_norm_(
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         squares.append(_plain(norm).float() ** 2)
-    total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if stage_group is not None:
         dist.all_reduce(total_sq, group=stage_group)
     total = total_sq.sqrt()
@@ -279,7 +281,7 @@ class NativeEngine(EngineBase):
                 for param in expert_parameters(part):
                     if param.grad is not None:
                         param.grad.div_(self.expert_grad_divisor)
-        grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group)
+        grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group, self.torch_device)
         set_learning_rate(self.optimizers, lr)
         for optimizer in self.optimizers:
             optimizer.step()

@@ -98,16 +98,18 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _send(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:
-    header = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape], dtype=torch.int64)
-    dist.send(torch.tensor([len(header)], dtype=torch.int64), group_dst=peer, group=group)
+    # Headers travel on the tensor's device: NCCL and HCCL take device tensors only.
+    header = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape], dtype=torch.int64,
+                          device=tensor.device)
+    dist.send(torch.tensor([len(header)], dtype=torch.int64, device=tensor.device), group_dst=peer, group=group)
     dist.send(header, group_dst=peer, group=group)
     dist.send(tensor.contiguous(), group_dst=peer, group=group)
 
 
 def _recv(peer: int, group: dist.ProcessGroup, device: torch.device) -> torch.Tensor:
-    length = torch.empty(1, dtype=torch.int64)
+    length = torch.empty(1, dtype=torch.int64, device=device)
     dist.recv(length, group_src=peer, group=group)
-    header = torch.empty(int(length), dtype=torch.int64)
+    header = torch.empty(int(length), dtype=torch.int64, device=device)
     dist.recv(header, group_src=peer, group=group)
     dtype, ndim = _DTYPES[int(header[0])], int(header[1])
     tensor = torch.empty([int(d) for d in header[2 : 2 + ndim]], dtype=dtype, device=device)

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from configs.errors import ConfigError
+from launch.autoload import defer_device_backends
+
+# Before anything imports torch (the imports above do not; the rest are made lazily): see launch/autoload.py.
+defer_device_backends()
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays fast
     from launch.device import Device
@@ -83,6 +87,9 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
     dims = ParallelDims.from_config(cfg.parallel, info.world_size, cfg.model, cfg.train)
     if cfg.parallel.dp_engine == DPEngine.deepspeed:
         require_deepspeed()
+    if cfg.parallel.compile and not device.supports_compile():
+        raise ConfigError(f"parallel.compile=true is not supported on {device.kind}: torch_npu's graph backends have "
+                          f"not run under supertrain; set parallel.compile=false")
     device.prepare_process()
     prepare_kernels(device.kind)
     return device, dims
@@ -90,21 +97,24 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
 
 def train_with(cfg: Config, info: RankInfo, device: Device, dims: ParallelDims) -> Trainer:
     """Build the mesh, the run folder and the trainer, and train. A distributed run needs its process group."""
+    import torch.distributed as dist
     import yaml
 
-    from launch.env import set_step_timeout
+    from launch.env import process_group_timeouts, set_group_timeouts
     from train.config import to_plain_dict
     from train.trainer import Trainer
 
     mesh = dims.build_mesh(device.kind) if info.distributed else None
+    timeouts = process_group_timeouts(device, cfg.parallel.init_timeout_s, cfg.parallel.step_timeout_s)
+    groups = [dist.group.WORLD, *mesh.groups()] if mesh is not None else []
+    set_group_timeouts(groups, device, timeouts.init_s)  # the mesh's groups start with their backend's default
     run_dir = _shared_run_dir(cfg.run.dir, cfg.model.name, info.distributed)
     _setup_logging(run_dir, info.rank)
     if info.rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
     barrier = _barrier if info.distributed else _no_barrier
     trainer = Trainer(cfg, device, dims, run_dir, info.rank, info.local_rank, mesh, barrier)
-    if info.distributed:
-        set_step_timeout(cfg.parallel.step_timeout_s)
+    set_group_timeouts(groups, device, timeouts.step_s)
     summary = trainer.fit()
     log.info("done: %s; run folder %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                                    if isinstance(v, float)), run_dir)

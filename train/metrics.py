@@ -12,7 +12,7 @@ import netrc
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from configs.errors import ConfigError
 from train.config import LoggingConfig, LoggingMode
@@ -131,11 +131,18 @@ def build_logger(cfg: LoggingConfig, rank: int, run_dir: Path, config: dict[str,
 
 
 class Throughput:
-    """Tokens/s and MFU over the interval since the previous report."""
+    """Tokens/s and MFU over the interval since the previous report.
 
-    def __init__(self, flops_per_token: float, peak_flops_per_device: float, world_size: int) -> None:
+    An accelerator runs ahead of the host, so the clock is read only after `synchronize` (the device's): otherwise an
+    interval would end when the host had queued its steps, not when the device had run them. MFU is None where the
+    device's peak is unknown.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops_per_device: Optional[float], world_size: int,
+                 synchronize: Callable[[], None] = lambda: None) -> None:
         self.flops_per_token = flops_per_token
-        self.peak_total = peak_flops_per_device * world_size
+        self.peak_total = peak_flops_per_device * world_size if peak_flops_per_device else None
+        self.synchronize = synchronize
         self._start = time.perf_counter()
         self._tokens = 0
 
@@ -144,14 +151,16 @@ class Throughput:
 
     def restart(self) -> None:
         """Forget time spent outside training steps (evaluation, checkpointing)."""
+        self.synchronize()
         self._start = time.perf_counter()
         self._tokens = 0
 
-    def report(self) -> tuple[float, float]:
+    def report(self) -> tuple[float, Optional[float]]:
         """(global tokens per second, model FLOPs utilisation) since the last report."""
+        self.synchronize()
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         tokens_per_s = self._tokens / elapsed
-        mfu = tokens_per_s * self.flops_per_token / self.peak_total if self.peak_total > 0 else float("nan")
+        mfu = tokens_per_s * self.flops_per_token / self.peak_total if self.peak_total else None
         self.restart()
         return tokens_per_s, mfu
 

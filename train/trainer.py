@@ -48,6 +48,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.device = device
+        self.torch_device = device.torch_device(local_rank)
         self.dims = dims
         self.rank = rank
         self.run_dir = run_dir
@@ -73,17 +74,18 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         dtype = training_dtype(cfg.train.mixed_precision, device) or torch.float32
         # Before wandb starts: on CPU the peak is measured, and wandb's service process would compete for the cores.
-        self.peak = device.peak_flops(dtype, matmul_kernels(dtype))
+        self.peak = device.peak_flops(dtype, matmul_kernels(dtype), cfg.device.peak_tflops)
         self.logger = build_logger(cfg.logging, rank, run_dir, to_plain_dict(cfg))
-        self.throughput = Throughput(self.flops_per_token, self.peak.flops, dims.world_size)
+        self.throughput = Throughput(self.flops_per_token, self.peak.flops, dims.world_size, device.synchronize)
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
 
         log.info(
             "model %s: %.2fM parameters (%.2fM active), %.3g training FLOPs/token; data: %s; %d train / %d val "
-            "sequences; layout %s; %s, compute %s; MFU peak %.3g FLOP/s per device (%s)",
+            "sequences; layout %s; %s, compute %s; MFU peak %s per device (%s)",
             cfg.model.name, num_params(cfg.model) / 1e6, num_params(cfg.model, active_only=True) / 1e6,
             self.flops_per_token, self.data.description, len(self.data.train), len(self.data.val), dims,
-            f"{device}, {describe_kernels(device.kind)}", dtype, self.peak.flops, self.peak.source,
+            f"{device}, {describe_kernels(device.kind)}", dtype,
+            f"{self.peak.flops:.3g} FLOP/s" if self.peak.flops else "unknown, MFU not reported", self.peak.source,
         )
 
     # ---- data -----------------------------------------------------------------------------------------------
@@ -111,7 +113,8 @@ class Trainer:
         return total / self.cfg.train.eval_batches
 
     def _max_memory(self) -> int:
-        memory = torch.tensor(self.device.max_memory_bytes(), dtype=torch.int64)
+        # On the device: NCCL and HCCL take device tensors only.
+        memory = torch.tensor(self.device.max_memory_bytes(), dtype=torch.int64, device=self.torch_device)
         if dist.is_initialized():
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
         return int(memory)
@@ -190,7 +193,7 @@ class Trainer:
                     **self.engine.step_metrics(output),
                     "lr": self.lr_schedule.rate(self.step - 1),
                     "tokens_per_s": tokens_per_s,
-                    "mfu": mfu,
+                    **({"mfu": mfu} if mfu is not None else {}),
                     "memory_bytes": self._max_memory(),
                 }
                 if not math.isfinite(metrics["loss"]):

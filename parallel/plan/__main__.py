@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Optional
 
 from configs.errors import ConfigError
+from launch.autoload import defer_device_backends
+
+# Before anything imports torch (the imports above do not; the rest are made lazily): see launch/autoload.py.
+defer_device_backends()
 
 
 def _error(message: str) -> int:

@@ -58,7 +58,9 @@ def _run_group(base: Path, world: int, layouts: dict[str, list[str]], extra: dic
 
 @pytest.fixture(scope="module")
 def world2(base) -> dict:
-    extra = {"tp2_selective": _config(base, "tp2_selective", TWO_RANKS["tp2"], "parallel.recompute=selective")}
+    # Selective recompute keeps sequence parallelism's reduce-scatter outputs instead of communicating again.
+    extra = {f"{name}_selective": _config(base, f"{name}_selective", TWO_RANKS[name], "parallel.recompute=selective")
+             for name in ("tp2", "tp2_sp")}
     return _run_group(base, 2, TWO_RANKS, extra)
 
 
@@ -83,7 +85,8 @@ def _assert_matches(got: dict, want: dict, steps) -> None:
             assert got[step][key] == pytest.approx(want[step][key], rel=RTOL), (step, key, got[step], want[step])
 
 
-@pytest.mark.parametrize("name", [f"{n}_{m}" for n in TWO_RANKS for m in RECOMPUTE] + ["tp2_selective"])
+@pytest.mark.parametrize("name", [f"{n}_{m}" for n in TWO_RANKS for m in RECOMPUTE] + ["tp2_selective",
+                                                                                   "tp2_sp_selective"])
 def test_two_ranks_match_single_process(world2, reference, name):
     _assert_matches(world2[name][0]["steps"], reference["steps"], range(1, 11))
     assert len({rank["digest"] for rank in world2[name]}) == 1  # gathered weights agree on every rank

@@ -135,9 +135,9 @@ def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch, any
 def test_selective_recompute_keeps_its_output():
     from torch.utils.checkpoint import CheckpointPolicy
 
-    from parallel.recompute import _keep_expensive
+    from parallel.recompute import _keep, saved_ops
 
-    assert _keep_expensive(None, LINEAR_OP) == CheckpointPolicy.MUST_SAVE
+    assert _keep(saved_ops(), None, LINEAR_OP) == CheckpointPolicy.MUST_SAVE
 
 
 def test_compiled_graph_keeps_the_op_and_its_gradients(any_size):

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.device import PEAK_BF16_FLOPS, DeviceError, _kernel_offers_huge_pages, lookup_peak_flops, resolve_device
+from launch.device import (
+    ASCEND_PEAKS,
+    PEAK_BF16_FLOPS,
+    DeviceError,
+    _kernel_offers_huge_pages,
+    ascend_generation,
+    lookup_peak_flops,
+    resolve_device,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,8 +61,6 @@ def test_unknown_kind():
 @pytest.mark.parametrize(
     "runtime_name, entry",
     [
-        ("Ascend910_9392", "Ascend910_93"),  # 910C, one die
-        ("Ascend910B2", "Ascend910B"),
         ("NVIDIA A100-SXM4-80GB", "A100"),
         ("NVIDIA H100 80GB HBM3", "H100"),
         ("NVIDIA H100 PCIe", "H100 PCIe"),  # the more specific entry before plain H100
@@ -63,12 +69,29 @@ def test_unknown_kind():
         ("NVIDIA B200", "B200"),
     ],
 )
-def test_the_name_a_runtime_reports_finds_its_most_specific_peak(runtime_name, entry):
+def test_a_gpu_name_finds_its_most_specific_peak(runtime_name, entry):
     assert lookup_peak_flops(runtime_name) is dict(PEAK_BF16_FLOPS)[entry]
 
 
+# Every Atlas A2 and A3 SoC name torch_npu 2.13/2.14 knows (NpuVariables.cpp's socVersionMap).
+A2 = ("Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4", "Ascend910B4-1")
+A3 = ("Ascend910_9391", "Ascend910_9392", "Ascend910_9381", "Ascend910_9382", "Ascend910_9372", "Ascend910_9362",
+      "Ascend910_9363")
+
+
+def test_every_ascend_soc_has_a_sourced_peak_or_says_there_is_none():
+    for soc in A2 + A3:
+        peak = lookup_peak_flops(soc)
+        assert peak is not None and peak.source, soc
+    assert {soc for soc in A2 + A3 if lookup_peak_flops(soc).flops} == {*A2, "Ascend910_9392"}
+    assert lookup_peak_flops("Ascend910B2C") is not lookup_peak_flops("Ascend910B2")  # exact names, no prefixes
+    assert ascend_generation("Ascend910B") == "910A" and ascend_generation("Ascend910B3") == "A2"
+    assert {ascend_generation(soc) for soc in A3} == {"A3"}
+
+
 def test_every_peak_names_its_source():
-    assert all(peak.flops > 0 and peak.source for _, peak in PEAK_BF16_FLOPS)
+    peaks = [peak for _, peak in PEAK_BF16_FLOPS] + list(ASCEND_PEAKS.values())
+    assert all(peak.source and (peak.flops is None or peak.flops > 0) for peak in peaks)
 
 
 def test_unknown_accelerator_has_no_peak():
@@ -88,14 +111,30 @@ def test_no_device_literal_outside_the_device_abstraction():
     assert not offenders, offenders
 
 
-def test_hccl_timeouts_follow_config_within_cann_ranges():
-    from launch.device import Device
-    from launch.env import backend_environment
+def test_hccl_timeouts_follow_config_within_the_ranges_cann_documents():
+    from launch.env import backend_environment, hccl_environment
 
-    npu = Device("npu")  # the environment is pure arithmetic: no torch_npu needed
-    assert backend_environment(npu, 600, 1800) == {"HCCL_CONNECT_TIMEOUT": "600", "HCCL_EXEC_TIMEOUT": "1800"}
-    assert backend_environment(npu, 10, 99999) == {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "17340"}
+    assert hccl_environment("A2", 600, 1800) == {"HCCL_CONNECT_TIMEOUT": "600", "HCCL_EXEC_TIMEOUT": "1800"}
+    # A2/A3 take any execution timeout up to 2^31 - 1 s (0 = never); connecting stays within [120, 7200].
+    assert hccl_environment("A3", 10, 99999) == {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "99999"}
+    # The first 910 generation: at most 17340 s, in whole 68 s steps.
+    assert hccl_environment("910A", 9000, 99999) == {"HCCL_CONNECT_TIMEOUT": "7200", "HCCL_EXEC_TIMEOUT": "17340"}
+    assert hccl_environment("910A", 600, 600)["HCCL_EXEC_TIMEOUT"] == "544"
     assert backend_environment(resolve_device("cpu"), 600, 1800) == {}
+
+
+def test_process_group_timeouts_exceed_the_hccl_ones_in_effect(monkeypatch):
+    from launch.device import Device
+    from launch.env import HCCL_MARGIN_S, Timeouts, process_group_timeouts
+
+    npu = Device("npu")
+    monkeypatch.setattr(npu, "name", lambda: "Ascend910B2")
+    # The user's own HCCL values win over ours, and the process groups' rise above them.
+    env = {"HCCL_CONNECT_TIMEOUT": "900", "HCCL_EXEC_TIMEOUT": "3600"}
+    assert process_group_timeouts(npu, 600, 1800, env) == Timeouts(900 + 20 + HCCL_MARGIN_S, 3600 + HCCL_MARGIN_S)
+    env = {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "0"}  # 0: HCCL never times a collective out
+    assert process_group_timeouts(npu, 600, 1800, env) == Timeouts(600, 1800)
+    assert process_group_timeouts(resolve_device("cpu"), 600, 1800, env) == Timeouts(600, 1800)
 
 
 def _python_output(snippet: str, argument: str, **env: str) -> list[str]:
