@@ -1,4 +1,8 @@
-"""python -m bench [name ...]: run benchmarks, print their figures and write bench/results/<name>.json."""
+"""python -m bench [name ...]: run benchmarks, print their figures and write bench/results/<name>.json.
+
+With no names it runs every benchmark but the on-demand ones (`smoke`, the end-to-end check for a lent
+accelerator; `init`, initialisation's cost per rank), which run only when named: `python -m bench smoke`. The exit
+code is 1 when a benchmark reports failures (`failed` > 0 in its figures)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("trunk", "pipeline", "moe_load")
+from launch.autoload import defer_device_backends
+
+# Before anything imports torch (the benchmarks are imported lazily): see launch/autoload.py.
+defer_device_backends()
+
+BENCHMARKS = ("trunk", "pipeline", "moe_load", "smoke", "init")
+ON_DEMAND = ("smoke", "init")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -24,12 +34,13 @@ def _print(name: str, figures: dict, indent: str = "  ") -> None:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(BENCHMARKS)
+    names = argv or [name for name in BENCHMARKS if name not in ON_DEMAND]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     RESULTS.mkdir(exist_ok=True)
+    failures = 0
     for name in names:
         started = time.time()
         figures = importlib.import_module(f"bench.{name}").run()
@@ -38,7 +49,8 @@ def main(argv: list[str]) -> int:
         _print(name, figures)
         (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
         print(f"  -> {RESULTS / f'{name}.json'}")
-    return 0
+        failures += int(figures.get("failed", 0))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_t
         world_size=info.world_size,
         device_id=bound,
     )
-    if bound is not None and not dist.group.WORLD._get_backend(bound).supports_splitting:
+    if bound is not None and not getattr(dist.group.WORLD._get_backend(bound), "supports_splitting", False):
         dist.group.WORLD.bound_device_id = None
         if info.rank == 0:
             log.warning("the %s backend cannot split communicators: the device mesh's process groups are created one "

@@ -3,19 +3,20 @@
 No parallel code lives here. Layers sit in a ModuleDict keyed by their index so that parameter names stay the same
 when a pipeline stage keeps only some of them, and the embedding, final norm and output head may be None on
 stages that do not own them. Build on the meta device, parallelize, then allocate and initialize with
-parallel/materialize.py, which gives every parameter the value `initial_value` names for it.
+parallel/materialize.py, which has each process draw its own block of each parameter (`initialize_block_`).
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from configs.schema import ModelConfig
 from models.attention import build_attention
+from models.counter_rng import fill_normal_, stream_key
 from models.feed_forward import FeedForward
 from models.moe import MoE
 from models.ops import Linear, RMSNorm
@@ -82,16 +83,15 @@ def _init_std(name: str, cfg: ModelConfig) -> Optional[float]:
     return cfg.init_std
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def initial_value(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """The whole starting value of the parameter called `name` (as in a plain `Transformer`, no wrapper prefixes), on
-    the CPU: drawn from its own generator, seeded by (seed, name), so it does not depend on which other parameters a
-    process holds or in what order it draws them."""
+@torch.no_grad()
+def initialize_block_(out: torch.Tensor, name: str, full_shape: Sequence[int], offset: Sequence[int],
+                      cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """Give `out` its starting values: the block at `offset` of the parameter called `name` (as in a plain
+    `Transformer`, no wrapper prefixes) whose whole shape is `full_shape`. Each element's value depends only on
+    (seed, name, its place in the whole tensor) (models/counter_rng.py), so any shard drawn on any device equals the
+    same elements of a single-device model, and no process builds more than its own block."""
     std = _init_std(name, cfg)
     if std is None:
-        return torch.ones(shape)
-    generator = torch.Generator().manual_seed(_seed_for(seed, name))
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
+        return out.fill_(1.0)
+    fill_normal_(out, stream_key(seed, zlib.crc32(name.encode())), full_shape, offset)
+    return out.mul_(std)

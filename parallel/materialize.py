@@ -1,9 +1,10 @@
 """Allocate a meta-device model, already parallelized, on its device and give every parameter its starting value.
 
-Each parameter gets the value `models.transformer.initial_value` names for it, whatever wrappers (activation
-checkpointing, torch.compile, DDP, FSDP) and shards parallelism added: names are stripped of wrapper prefixes
-(`canonical_name`) and a sharded rank keeps only its slice of the whole value. So tp=4, pp=2 or fsdp start from
-exactly the single-device weights.
+Each rank draws only the block of each parameter it holds, on its own device (`models.transformer.initialize_block_`),
+whatever wrappers (activation checkpointing, torch.compile, DDP, FSDP) and shards parallelism added: names are
+stripped of wrapper prefixes (`canonical_name`) and a sharded parameter's block is found from its placements. So
+tp=4, pp=2 or fsdp start from exactly the single-device weights, and the work and memory of initialisation shrink
+with the number of ranks (no rank builds a whole tensor it shards).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from configs.schema import ModelConfig
-from models.transformer import Transformer, initial_value
+from models.transformer import Transformer, initialize_block_
 
 # Wrappers added by activation checkpointing, torch.compile and DDP; stripped so names (and so initial values) do
 # not depend on which of them were applied.
@@ -26,26 +27,26 @@ def canonical_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def _local_slice(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The part of `full` that this rank holds when `param` is a sharded DTensor; all of it otherwise."""
+def local_block(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(whole shape, offset of this rank's block) of a parameter: a sharded DTensor's block is a contiguous range of
+    each dimension (tensor-, expert- and FSDP-sharding all cut whole rows or columns), a plain tensor is all of it."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(param, DTensor):
-        return full
+        return tuple(param.shape), (0,) * param.dim()
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
-    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    return full[index]
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(param.shape), tuple(offset)
 
 
 @torch.no_grad()
 def initialize_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Every parameter to its layout-independent starting value; buffers (MoE balancing state) to zero."""
     for name, param in model.named_parameters():
-        full = initial_value(canonical_name(name), param.shape, cfg, seed)
+        full_shape, offset = local_block(param)
         local = param.to_local() if hasattr(param, "to_local") else param
-        local.copy_(_local_slice(full, param))
+        initialize_block_(local, canonical_name(name), full_shape, offset, cfg, seed)
     for buffer in model.buffers():
         local = buffer.to_local() if hasattr(buffer, "to_local") else buffer
         local.zero_()

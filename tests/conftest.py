@@ -41,10 +41,11 @@ FAST = [
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e (pyproject.toml)."""
+    """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e, tests/accel -> accel
+    (pyproject.toml)."""
     for item in items:
         folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
-        if folder in ("unit", "dist", "e2e"):
+        if folder in ("unit", "dist", "e2e", "accel"):
             item.add_marker(getattr(pytest.mark, folder))
 
 

@@ -26,6 +26,10 @@ class DryRunReport:
     predicted: dict[str, float]
     built: dict[str, float]
     note: str = ""
+    # Elements this rank draws when it initialises its parameters (its own blocks only: parallel/materialize.py),
+    # and the most of them in one parameter.
+    init_elements: int = 0
+    init_largest: int = 0
 
 
 def _configs_for(estimator: Estimator, layout: Layout) -> tuple[ParallelConfig, TrainConfig]:
@@ -87,6 +91,9 @@ def dry_run(estimator: Estimator, layout: Layout, rank: int = 0) -> DryRunReport
             p.grad = torch.zeros_like(p)
         optimizer.step()
         built = _state_bytes(modules, optimizer)
+        locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        init_elements = sum(t.numel() for t in locals_)
+        init_largest = max((t.numel() for t in locals_), default=0)
     finally:
         dist.destroy_process_group()
     plan = estimator.rank_plans(layout)[pp_rank]
@@ -99,7 +106,7 @@ def dry_run(estimator: Estimator, layout: Layout, rank: int = 0) -> DryRunReport
     held = shard_numel(tensors, layout, layout.state_shards, index).held if policy.param_sharded else tensors.numel
     predicted = {"parameters": float(held * policy.param), "optimizer": float(states.optimizer)}
     note = f"parameter storage with FSDP padding: {states.parameters / GIB:.4f} GiB"
-    return DryRunReport(rank, world, predicted, built, note)
+    return DryRunReport(rank, world, predicted, built, note, init_elements, init_largest)
 
 
 def format_dry_run(report: DryRunReport, seconds: float) -> str:
@@ -112,4 +119,6 @@ def format_dry_run(report: DryRunReport, seconds: float) -> str:
                      f"({diff:+.2%})")
     if report.note:
         lines.append(f"  ({report.note})")
+    lines.append(f"  initialisation: this rank draws {report.init_elements:,} elements ({report.init_elements * 4 / GIB:.2f} "
+                 f"GiB in fp32), at most {report.init_largest:,} for one parameter, and no other rank's")
     return "\n".join(lines)
