@@ -119,6 +119,7 @@ def format_dry_run(report: DryRunReport, seconds: float) -> str:
                      f"({diff:+.2%})")
     if report.note:
         lines.append(f"  ({report.note})")
-    lines.append(f"  initialisation: this rank draws {report.init_elements:,} elements ({report.init_elements * 4 / GIB:.2f} "
-                 f"GiB in fp32), at most {report.init_largest:,} for one parameter, and no other rank's")
+    drawn = report.init_elements
+    lines.append(f"  initialisation: this rank draws {drawn:,} elements ({drawn * 4 / GIB:.2f} GiB in fp32), at most "
+                 f"{report.init_largest:,} for one parameter, and no other rank's")
     return "\n".join(lines)
