@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Mapping
 
+import torch
 import torch.distributed as dist
 
-from launch.device import CPU, NPU, Device, ascend_generation
+from launch.device import CUDA, NPU, Device, ascend_generation
 
 log = logging.getLogger("supertrain")
 
@@ -95,33 +96,45 @@ def process_group_timeouts(device: Device, init_timeout_s: int, step_timeout_s: 
 def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_timeout_s: int) -> Timeouts:
     """Start the default process group on this rank's device and return the timeouts in effect.
 
-    On an accelerator the group is bound to the rank's device (`device_id`): NCCL then connects eagerly and DeviceMesh
-    splits its groups from the default communicator. torch_npu 2.13/2.14 accept the binding, but their HCCL backend
-    cannot split (it reports supports_splitting False), and DeviceMesh would then fail creating its groups through
-    split_group; there the binding is dropped again with one line, and the mesh's groups are created one by one (on a
-    large job, RANK_TABLE_FILE lets torch_npu derive them from the global communicator instead).
+    A group bound to the rank's device has DeviceMesh split its groups from the default communicator (one call per
+    mesh dimension instead of one per group). On CUDA the device is passed to init_process_group: NCCL connects
+    eagerly and splits. torch_npu 2.13/2.14 accept the binding, but their HCCL backend cannot split (it reports
+    supports_splitting False; no comm-split in its sources), so DeviceMesh's split_group would fail: on NPU the group
+    is bound after start-up only where the backend reports that it can split, and otherwise the mesh's groups are
+    created one by one, with one line saying so (on a large job, RANK_TABLE_FILE lets torch_npu derive them from the
+    global communicator instead).
     """
     for key, value in backend_environment(device, init_timeout_s, step_timeout_s).items():
         os.environ.setdefault(key, value)
     timeouts = process_group_timeouts(device, init_timeout_s, step_timeout_s)
     device.set_device(info.local_rank)
-    bound = device.torch_device(info.local_rank) if device.kind != CPU else None
+    here = device.torch_device(info.local_rank)
     dist.init_process_group(
         backend=device.backend,
         timeout=timedelta(seconds=timeouts.init_s),
         rank=info.rank,
         world_size=info.world_size,
-        device_id=bound,
+        device_id=here if device.kind == CUDA else None,
     )
-    if bound is not None and not getattr(dist.group.WORLD._get_backend(bound), "supports_splitting", False):
-        dist.group.WORLD.bound_device_id = None
-        if info.rank == 0:
+    if device.kind == NPU:
+        if _can_split(dist.group.WORLD, here):
+            dist.group.WORLD.bound_device_id = here
+        elif info.rank == 0:
             log.warning("the %s backend cannot split communicators: the device mesh's process groups are created one "
                         "by one", device.backend)
     if info.rank == 0 and device.kind == NPU:
         log.info("timeouts: HCCL connect %ss, execution %ss; process groups %ss at start-up, %ss per collective",
                  os.environ["HCCL_CONNECT_TIMEOUT"], os.environ["HCCL_EXEC_TIMEOUT"], timeouts.init_s, timeouts.step_s)
     return timeouts
+
+
+def _can_split(group: dist.ProcessGroup, device: torch.device) -> bool:
+    """Whether the group's backend for `device` splits communicators (a backend that is not a C++ Backend, such as a
+    Python process group, cannot)."""
+    try:
+        return bool(group._get_backend(device).supports_splitting)
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def set_group_timeouts(groups: Iterable[dist.ProcessGroup], device: Device, seconds: int) -> None:

@@ -50,7 +50,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
+    # As a user's shell would start it: none of the launcher's variables, nor the autoload switch that importing
+    # train.__main__ in this process sets (launch/autoload.py).
+    prefixes = ("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "TORCH_DEVICE_BACKEND_AUTOLOAD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
     # C++ extensions already built (models/cpu_native.py, DeepSpeed's) stay found when a test points HOME elsewhere.
     env.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
