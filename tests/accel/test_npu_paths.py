@@ -61,7 +61,9 @@ def _torchrun(args: list[str], report: Path, nproc: int = 2, **env: str) -> subp
 @pytest.mark.parametrize("layout", [
     ["parallel.dp_shard=2"],  # FSDP: every logged step all-reduces the peak memory
     ["parallel.pp=2", "train.eval_every=2", "train.eval_batches=1"],  # evaluation sends activations stage to stage
-], ids=["fsdp2", "pp2_eval"])
+    ["parallel.tp=2", "parallel.sequence_parallel=true"],  # DTensor's collectives, the vocabulary-parallel loss
+    ["model=tiny_moe", "parallel.ep=2"],  # token counts and tokens all-to-all, expert load summed over ranks
+], ids=["fsdp2", "pp2_eval", "tp2_sp", "ep2"])
 def test_training_hands_hccl_only_npu_tensors(layout: list[str], tmp_path: Path) -> None:
     result = _torchrun([*layout, "train.steps=2", f"run.dir={tmp_path / 'run'}"], tmp_path / "report")
     assert result.returncode == 0, result.stderr[-4000:]
