@@ -122,10 +122,16 @@ def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_t
         elif info.rank == 0:
             log.warning("the %s backend cannot split communicators: the device mesh's process groups are created one "
                         "by one", device.backend)
-    if info.rank == 0 and device.kind == NPU:
-        log.info("timeouts: HCCL connect %ss, execution %ss; process groups %ss at start-up, %ss per collective",
-                 os.environ["HCCL_CONNECT_TIMEOUT"], os.environ["HCCL_EXEC_TIMEOUT"], timeouts.init_s, timeouts.step_s)
     return timeouts
+
+
+def describe_timeouts(device: Device, timeouts: Timeouts) -> str:
+    """The timeouts in effect, for the start-up log."""
+    hccl = ""
+    if device.kind == NPU:
+        hccl = (f"; HCCL connect {os.environ.get('HCCL_CONNECT_TIMEOUT')} s, "
+                f"execution {os.environ.get('HCCL_EXEC_TIMEOUT')} s")
+    return f"process-group timeouts {timeouts.init_s} s at start-up, {timeouts.step_s} s per collective{hccl}"
 
 
 def _can_split(group: dist.ProcessGroup, device: torch.device) -> bool:

@@ -100,7 +100,7 @@ def train_with(cfg: Config, info: RankInfo, device: Device, dims: ParallelDims) 
     import torch.distributed as dist
     import yaml
 
-    from launch.env import process_group_timeouts, set_group_timeouts
+    from launch.env import describe_timeouts, process_group_timeouts, set_group_timeouts
     from train.config import to_plain_dict
     from train.trainer import Trainer
 
@@ -112,6 +112,8 @@ def train_with(cfg: Config, info: RankInfo, device: Device, dims: ParallelDims) 
     _setup_logging(run_dir, info.rank)
     if info.rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
+    if info.distributed:
+        log.info(describe_timeouts(device, timeouts))
     barrier = _barrier if info.distributed else _no_barrier
     trainer = Trainer(cfg, device, dims, run_dir, info.rank, info.local_rank, mesh, barrier)
     set_group_timeouts(groups, device, timeouts.step_s)
