@@ -1,8 +1,9 @@
 """python -m bench [name ...]: run benchmarks, print their figures and write bench/results/<name>.json.
 
 With no names it runs every benchmark but the on-demand ones (`smoke`, the end-to-end check for a lent
-accelerator; `init`, initialisation's cost per rank), which run only when named: `python -m bench smoke`. The exit
-code is 1 when a benchmark reports failures (`failed` > 0 in its figures)."""
+accelerator; `init`, initialisation's cost per rank; `faults`, the fault-injection trials; `bad_inputs`, the
+bad-input table), which run only when named: `python -m bench smoke`. The exit code is 1 when a benchmark reports
+failures (`failed` > 0 in its figures)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from launch.autoload import defer_device_backends
 # Before anything imports torch (the benchmarks are imported lazily): see launch/autoload.py.
 defer_device_backends()
 
-BENCHMARKS = ("trunk", "pipeline", "moe_load", "smoke", "init")
-ON_DEMAND = ("smoke", "init")
+BENCHMARKS = ("trunk", "pipeline", "moe_load", "smoke", "init", "faults", "bad_inputs")
+ON_DEMAND = ("smoke", "init", "faults", "bad_inputs")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

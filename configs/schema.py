@@ -9,11 +9,21 @@ train/config.py; the planner's own fields in parallel/plan/config.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from configs.errors import ConfigError
+
+
+def require_finite(group: str, config: Any) -> None:
+    """Every float field of a config must be a number: nan and inf pass every `<=` check and would poison training
+    silently (optim.lr=nan, train.grad_clip=inf)."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{group}.{item.name}={value} must be a finite number")
 
 # ---- model ----------------------------------------------------------------------------------------------------
 
@@ -54,6 +64,7 @@ class MoEConfig:
     n_limited_groups: int = 1
 
     def __post_init__(self) -> None:
+        require_finite("model.moe", self)
         if self.bias_update_rate < 0:
             raise ConfigError(f"model.moe.bias_update_rate={self.bias_update_rate} must be >= 0")
         if self.aux_loss_coef < 0:
@@ -106,6 +117,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
+        require_finite("model", self)
         for key in ("n_layers", "d_model", "n_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be > 0")
@@ -223,6 +235,7 @@ class DeviceConfig:
     peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:
+        require_finite("device", self)
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"device.peak_tflops={self.peak_tflops} must be > 0 (or null for the built-in table)")
 
@@ -256,6 +269,10 @@ class ParallelConfig:
     # Seconds a rank waits for the others while starting up, and for one collective during training.
     init_timeout_s: int = 600
     step_timeout_s: int = 1800
+    # Seconds without progress (a step, a checkpoint) after which a rank reports the ranks that did not arrive and
+    # the job stops (exit 4); 0 = off, leaving only the collectives' own timeout. The watch beats every 5 s, so the
+    # default names a stalled rank within 105 s.
+    stall_timeout_s: int = 100
 
     def __post_init__(self) -> None:
         for key in ("dp_replicate", "cp", "tp", "pp", "vpp", "ep"):
@@ -269,6 +286,14 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
         if self.init_timeout_s <= 0 or self.step_timeout_s <= 0:
             raise ConfigError("parallel.init_timeout_s and parallel.step_timeout_s must be > 0 seconds")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"parallel.stall_timeout_s={self.stall_timeout_s} must be >= 0 (0 = off)")
+
+
+class NonFinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
+    rollback = "rollback"
 
 
 @dataclass
@@ -285,8 +310,19 @@ class TrainConfig:
     # Steps between evaluations on the held-out split (0 = never); eval_batches global batches each time.
     eval_every: int = 100
     eval_batches: int = 2
+    # A step whose gradient norm is not finite, or whose loss spikes: `stop` the run (exit 3), `skip` its update (at
+    # most max_skips steps in a row), or `rollback` to the newest checkpoint and leave that batch out from then on
+    # (at most max_rollbacks times). No update and no checkpoint is ever made from such a step.
+    nonfinite: NonFinite = NonFinite.stop
+    max_skips: int = 3
+    max_rollbacks: int = 3
+    # A loss spike: a loss above the mean of the previous spike_window steps' losses by more than spike_sigmas of
+    # their standard deviation (needs spike_window steps first); 0 = no spike detection.
+    spike_sigmas: float = 0.0
+    spike_window: int = 50
 
     def __post_init__(self) -> None:
+        require_finite("train", self)
         for key in ("steps", "seq_len", "global_batch", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
@@ -294,5 +330,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train.micro_batch={self.micro_batch} does not divide train.global_batch={self.global_batch}"
             )
-        if self.grad_clip < 0 or self.eval_every < 0 or self.eval_batches < 1:
-            raise ConfigError("train.grad_clip and train.eval_every must be >= 0 and train.eval_batches >= 1")
+        # One bound per line, naming the value given (train.grad_clip=-1.0), not every field the check covers.
+        bounds = (("grad_clip", 0, ""), ("eval_every", 0, " (0 = never)"), ("eval_batches", 1, ""),
+                  ("max_skips", 1, ""), ("max_rollbacks", 1, ""), ("spike_window", 2, ""),
+                  ("spike_sigmas", 0, " (0 = off)"))
+        for key, least, note in bounds:
+            if getattr(self, key) < least:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= {least}{note}")

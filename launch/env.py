@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -70,11 +70,32 @@ def hccl_environment(generation: str, init_timeout_s: int, step_timeout_s: int) 
     return {"HCCL_CONNECT_TIMEOUT": str(min(max(init_timeout_s, 120), 7200)), "HCCL_EXEC_TIMEOUT": str(execution)}
 
 
+# The collective libraries' flight recorders: each group keeps its last collectives and, when its watchdog times
+# out, writes them (per rank) to <prefix><rank>, which names the collective and the ranks that never joined it.
+# torch's NCCL backend and torch_npu's HCCL backend (tools/flight_recorder in Ascend/pytorch) read these variables;
+# gloo has no recorder (the stalled-rank watch, launch/heartbeat.py, covers every backend).
+FLIGHT_RECORDER = {
+    CUDA: {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"},
+    NPU: {"TORCH_HCCL_ENABLE_MONITORING": "1", "TORCH_HCCL_TRACE_BUFFER_SIZE": "2000",
+          "TORCH_HCCL_DUMP_ON_TIMEOUT": "1"},
+}
+FLIGHT_RECORDER_FILE = {CUDA: "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", NPU: "TORCH_HCCL_DEBUG_INFO_TEMP_FILE"}
+
+
 def backend_environment(device: Device, init_timeout_s: int, step_timeout_s: int) -> dict[str, str]:
     """Environment the collective library reads at start-up (set where the user has not set it)."""
-    if device.kind != NPU:
-        return {}
-    return hccl_environment(ascend_generation(device.name()), init_timeout_s, step_timeout_s)
+    environment = dict(FLIGHT_RECORDER.get(device.kind, {}))
+    if device.kind == NPU:
+        environment.update(hccl_environment(ascend_generation(device.name()), init_timeout_s, step_timeout_s))
+    return environment
+
+
+def flight_recorder_file(device: Device, logs_dir: str) -> None:
+    """Have the flight recorder write its dump into the run's logs (read when it dumps, so set once the run folder
+    is known; the user's own setting wins)."""
+    variable = FLIGHT_RECORDER_FILE.get(device.kind)
+    if variable:
+        os.environ.setdefault(variable, os.path.join(logs_dir, "flight_recorder_rank_"))
 
 
 def process_group_timeouts(device: Device, init_timeout_s: int, step_timeout_s: int,
@@ -93,8 +114,42 @@ def process_group_timeouts(device: Device, init_timeout_s: int, step_timeout_s: 
     return Timeouts(max(init_timeout_s, connect + 20 + HCCL_MARGIN_S), step)
 
 
-def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_timeout_s: int) -> Timeouts:
-    """Start the default process group on this rank's device and return the timeouts in effect.
+@dataclass(frozen=True)
+class Started:
+    """What init_distributed set up: the timeouts in effect and the job's key-value store (this restart's keys)."""
+
+    timeouts: Timeouts
+    store: Optional[dist.Store]
+
+
+def _restart_attempt() -> str:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
+def connect_job_store(info: RankInfo, timeout_s: int) -> Optional[dist.Store]:
+    """A new connection to the store torchrun's agent serves, under a prefix of this restart attempt; None when the
+    launcher is not torchrun's agent (then the default group's store is the job's).
+
+    The agent keeps one store for the whole job, and torch adds no prefix per restart: a restarted rank's gloo mesh
+    read the previous attempt's addresses (the dead ranks' old ports) whenever it asked before the new rank had
+    written its own, and failed in connectFullMesh. Keys under `attempt_<n>/` belong to this attempt alone."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"supertrain/attempt_{_restart_attempt()}", agent)
+
+
+def default_store() -> Optional[dist.Store]:
+    """The default process group's store (private in torch: None where it is not there)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_timeout_s: int) -> Started:
+    """Start the default process group on this rank's device; return the timeouts in effect and the job's store.
 
     A group bound to the rank's device has DeviceMesh split its groups from the default communicator (one call per
     mesh dimension instead of one per group). On CUDA the device is passed to init_process_group: NCCL connects
@@ -109,12 +164,14 @@ def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_t
     timeouts = process_group_timeouts(device, init_timeout_s, step_timeout_s)
     device.set_device(info.local_rank)
     here = device.torch_device(info.local_rank)
+    store = connect_job_store(info, timeouts.init_s)
     dist.init_process_group(
         backend=device.backend,
         timeout=timedelta(seconds=timeouts.init_s),
         rank=info.rank,
         world_size=info.world_size,
         device_id=here if device.kind == CUDA else None,
+        store=store,
     )
     if device.kind == NPU:
         if _can_split(dist.group.WORLD, here):
@@ -122,7 +179,7 @@ def init_distributed(device: Device, info: RankInfo, init_timeout_s: int, step_t
         elif info.rank == 0:
             log.warning("the %s backend cannot split communicators: the device mesh's process groups are created one "
                         "by one", device.backend)
-    return timeouts
+    return Started(timeouts, store if store is not None else default_store())
 
 
 def describe_timeouts(device: Device, timeouts: Timeouts) -> str:

@@ -270,6 +270,14 @@ def suspend_statistics_for_next_forward(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def reset_statistics(model: nn.Module) -> None:
+    """Forget the routing statistics counted since the last update (a step whose update was dropped)."""
+    for block in moe_layers(model).values():
+        block.tokens_per_expert.zero_()
+        block.routing_totals.zero_()
+
+
+@torch.no_grad()
 def update_load_balance(
     model: nn.Module, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 ) -> dict[str, Any]:

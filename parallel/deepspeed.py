@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from torch import nn
 
 from configs.errors import CheckpointError, ConfigError
 from launch.device import Device
-from parallel.engine import Batch, EngineBase, StepOutput, set_learning_rate
+from parallel.engine import Batch, EngineBase, StepCheck, StepOutput, set_learning_rate
 
 
 def require_deepspeed() -> None:
@@ -77,7 +77,10 @@ class DeepSpeedEngine(EngineBase):
     def _train_mode(self, training: bool) -> None:
         self.engine.train(training)
 
-    def train_step(self, batches: list[Batch], lr: float, grad_clip: float) -> StepOutput:
+    def train_step(self, batches: list[Batch], lr: float, grad_clip: float,
+                   check: Optional[StepCheck] = None) -> StepOutput:
+        """DeepSpeed steps inside its engine, so `check` sees the step after it was applied: it can stop the run or
+        roll it back, not drop the update (train.nonfinite=skip is refused with DeepSpeed)."""
         self._train_mode(True)
         set_learning_rate([self.optimizer], lr)
         total = torch.zeros((), device=self.torch_device)
@@ -87,9 +90,12 @@ class DeepSpeedEngine(EngineBase):
             self.engine.step()  # a real optimizer step only at the accumulation boundary; clips to grad_clip
             total += loss.detach() / len(batches)
         norm = self.engine.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        norm = torch.as_tensor(float("nan") if norm is None else float(norm), device=self.torch_device)
+        output = StepOutput(total / self._loss_ranks(), norm)
+        if check is not None:
+            check(output.loss_share, norm)
         self._after_optimizer_step()
-        return StepOutput(total / self._loss_ranks(), norm)
+        return output
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)

@@ -23,14 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from configs.errors import CheckpointError
 from launch.device import Device
-from models.moe import suspend_statistics_for_next_forward, update_load_balance
+from models.moe import reset_statistics, suspend_statistics_for_next_forward, update_load_balance
 from parallel.expert import expert_parameters
 from parallel.pipeline import PipelinePlan, forward_only_losses
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len)
 # Builds the optimizer for one module (the whole model, or one pipeline stage); supplied by the trainer.
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+# Asked after backward and clipping, before the update: (this rank's loss share, global gradient norm) -> apply it?
+StepCheck = Callable[[torch.Tensor, torch.Tensor], bool]
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,26 @@ class StepOutput:
     loss_share: torch.Tensor
     # Norm of all gradients before clipping, as if the model were on one device.
     grad_norm: torch.Tensor
+    # Whether the optimizer stepped (the step's check can drop the update).
+    applied: bool = True
 
 
 class Engine(Protocol):
     kind: str
 
-    def train_step(self, batches: list[Batch], lr: float, grad_clip: float) -> StepOutput:
-        """Forward and backward over this rank's micro-batches, clip to grad_clip (0: off), step at `lr`."""
+    def train_step(self, batches: list[Batch], lr: float, grad_clip: float,
+                   check: Optional[StepCheck] = None) -> StepOutput:
+        """Forward and backward over this rank's micro-batches, clip to grad_clip (0: off), then, unless `check`
+        says no (it must answer the same on every rank), step at `lr`."""
 
     def step_metrics(self, output: StepOutput) -> dict[str, Any]:
         """The step's global loss, gradient norm and MoE expert load. A collective: every rank calls it."""
 
     def evaluate(self, batches: list[Batch]) -> float:
         """Mean loss of the global batch whose micro-batches on this rank are `batches`. A collective."""
+
+    def global_loss(self, loss_share: torch.Tensor) -> torch.Tensor:
+        """The global-batch mean loss from this rank's share, on the device. A collective."""
 
     def save(self, folder: Path) -> None: ...
 
@@ -86,6 +96,50 @@ def _single_process_is_intended() -> Iterator[None]:
         if not dist.is_initialized():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(doing: str) -> Iterator[None]:
+    """DCP's CheckpointException derives from BaseException (an `except Exception` misses it) and lists every rank's
+    failure: turn it into one line naming the first."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as error:
+        failures = getattr(error, "failures", {}) or {}
+        first = ""
+        if failures:
+            rank = min(failures)
+            cause = failures[rank]
+            cause = cause[0] if isinstance(cause, tuple) else getattr(cause, "exc", cause)  # (error, traceback)
+            first = f"rank {rank}: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+        raise CheckpointError(f"{doing} failed ({first or error}): check the folder's disk (space, permissions, a "
+                              f"truncated file); checkpoints already saved are untouched") from None
+
+
+def _check_shapes(folder: Path, model_state: dict[str, Any]) -> None:
+    """The checkpoint holds exactly this model's tensors, each with its shape, else one line naming the tensor (the
+    load itself is not strict, for the optimizer's sake, and would drop a saved layer this model lacks)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    for name, value in model_state.items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointError(f"{folder} has no tensor {name}: it holds another model; resume a checkpoint of this "
+                                  f"model, or checkpoint.resume=none")
+        size = tuple(getattr(entry, "size", ()))
+        if isinstance(value, torch.Tensor) and size != tuple(value.shape):
+            raise CheckpointError(f"{folder}: {name} was saved with shape {size} and this model's is "
+                                  f"{tuple(value.shape)}: resume with the model it was saved with (model.*), or "
+                                  f"checkpoint.resume=none")
+    extra = sorted(key[len("model."):] for key in saved if key.startswith("model.") and
+                   key[len("model."):] not in model_state)
+    if extra:
+        more = f" and {len(extra) - 1} more tensors" if len(extra) > 1 else ""
+        raise CheckpointError(f"{folder} holds {extra[0]}{more} that this model does not have: it holds another "
+                              f"model; resume with the model it was saved with (model.*), or checkpoint.resume=none")
 
 
 def clip_grad_norm_(
@@ -204,6 +258,9 @@ class EngineBase:
     def evaluate(self, batches: list[Batch]) -> float:
         return float(self._sum_over(self._eval_loss_share(batches), self.loss_group))
 
+    def global_loss(self, loss_share: torch.Tensor) -> torch.Tensor:
+        return self._sum_over(loss_share.detach(), self.loss_group)
+
     # ---- after each optimizer step --------------------------------------------------------------------------
 
     def _after_optimizer_step(self) -> None:
@@ -221,7 +278,7 @@ class EngineBase:
 
     def step_metrics(self, output: StepOutput) -> dict[str, Any]:
         return {
-            "loss": float(self._sum_over(output.loss_share.detach(), self.loss_group)),
+            "loss": float(self.global_loss(output.loss_share)),
             "grad_norm": float(output.grad_norm),
             **self._routing(),
         }
@@ -273,7 +330,8 @@ class NativeEngine(EngineBase):
             total += _plain(loss.detach())
         return total
 
-    def train_step(self, batches: list[Batch], lr: float, grad_clip: float) -> StepOutput:
+    def train_step(self, batches: list[Batch], lr: float, grad_clip: float,
+                   check: Optional[StepCheck] = None) -> StepOutput:
         self._train_mode(True)
         mean_loss = self._forward_backward(batches)
         if self.expert_grad_divisor > 1:
@@ -282,12 +340,20 @@ class NativeEngine(EngineBase):
                     if param.grad is not None:
                         param.grad.div_(self.expert_grad_divisor)
         grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group, self.torch_device)
-        set_learning_rate(self.optimizers, lr)
+        output = StepOutput(mean_loss / self._loss_ranks(), grad_norm)
+        applied = check is None or check(output.loss_share, grad_norm)
+        if applied:
+            set_learning_rate(self.optimizers, lr)
+            for optimizer in self.optimizers:
+                optimizer.step()
         for optimizer in self.optimizers:
-            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        self._after_optimizer_step()
-        return StepOutput(mean_loss / self._loss_ranks(), grad_norm)
+        if applied:
+            self._after_optimizer_step()
+        else:
+            for part in self.parts:
+                reset_statistics(part)  # a dropped step's routing moves no expert bias
+        return StepOutput(output.loss_share, grad_norm, applied)
 
     # ---- checkpoint -----------------------------------------------------------------------------------------
 
@@ -307,7 +373,7 @@ class NativeEngine(EngineBase):
     def save(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        with _single_process_is_intended():
+        with _single_process_is_intended(), _checkpoint_errors(f"saving {folder.name.removesuffix('.tmp')}"):
             dcp.save(self._state(), checkpoint_id=str(folder))
 
     def load(self, folder: Path) -> None:
@@ -315,7 +381,8 @@ class NativeEngine(EngineBase):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         state = self._state()
-        with _single_process_is_intended():
+        _check_shapes(folder, state["model"])
+        with _single_process_is_intended(), _checkpoint_errors(f"loading {folder}"):
             dcp.load(state, checkpoint_id=str(folder))
         options = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
         for part, optimizer in zip(self.parts, self.optimizers):

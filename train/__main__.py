@@ -9,6 +9,8 @@ Extra flags: `--cfg` prints the composed config and exits; `--help` lists the gr
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,9 +24,11 @@ defer_device_backends()
 
 if TYPE_CHECKING:  # imported lazily at run time so that --help stays fast
     from launch.device import Device
-    from launch.env import RankInfo
+    from launch.env import RankInfo, Started
+    from launch.heartbeat import Heartbeat
     from parallel.dims import ParallelDims
     from train.config import Config
+    from train.preempt import PreemptionNotice
     from train.trainer import Trainer
 
 log = logging.getLogger("supertrain")
@@ -40,14 +44,33 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _shared_run_dir(requested: Optional[str], model_name: str, distributed: bool) -> Path:
-    """run.dir if given, else outputs/<model>-<time> chosen by rank 0 and broadcast, so all ranks agree."""
-    name = [requested or f"outputs/{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if distributed:
+def _shared_run_dir(requested: Optional[str], model_name: str, info: RankInfo) -> Path:
+    """run.dir if given, else outputs/<model>-<time>: rank 0 picks it, makes and locks it (train/rundir.py) and tells
+    the others, so that all ranks agree, and a folder another job holds stops every rank with rank 0's line."""
+    from train.rundir import RunDirError, claim
+
+    path = Path(requested or f"outputs/{model_name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+    problem = ""
+    if info.rank == 0:
+        try:
+            claim(path)
+        except RunDirError as error:
+            problem = str(error)
+    if info.distributed:
         import torch.distributed as dist
 
-        dist.broadcast_object_list(name, src=0)
-    return Path(name[0]).resolve()
+        shared = [str(path), problem]
+        dist.broadcast_object_list(shared, src=0)
+        path, problem = Path(shared[0]), shared[1]
+    if problem:
+        raise RunDirError(problem)
+    if info.rank != 0:  # rank 0 made it; a rank on another node sees the folder through its own mount
+        try:
+            (path / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunDirError(f"run.dir={path} cannot be used on this node: {error.strerror or error}: put run.dir "
+                              f"on a filesystem every node shares") from None
+    return path
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
@@ -63,21 +86,15 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     console = _Console(level=logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
     log.addHandler(console)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     file = logging.FileHandler(run_dir / "logs" / f"rank_{rank}.log")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file)
 
 
-def _error(message: str, rank: int) -> None:
-    if rank == 0:
-        print(f"supertrain: error: {message}", file=sys.stderr, flush=True)
-
-
 def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
     """Every check that needs no process group (device; the layout against the world, the model and the batch), then
     the process set-up: allocator switches, and the model's kernels built or loaded."""
-    from configs.schema import DPEngine
+    from configs.schema import DPEngine, NonFinite
     from launch.device import resolve_device
     from models.kernels import prepare_kernels
     from parallel.deepspeed import require_deepspeed
@@ -87,6 +104,9 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
     dims = ParallelDims.from_config(cfg.parallel, info.world_size, cfg.model, cfg.train)
     if cfg.parallel.dp_engine == DPEngine.deepspeed:
         require_deepspeed()
+        if cfg.train.nonfinite == NonFinite.skip:
+            raise ConfigError("train.nonfinite=skip cannot drop an update under DeepSpeed (its engine steps before "
+                              "the check): use train.nonfinite=stop or rollback")
     if cfg.parallel.compile and not device.supports_compile():
         raise ConfigError(f"parallel.compile=true is not supported on {device.kind}: torch_npu's graph backends have "
                           f"not run under supertrain; set parallel.compile=false")
@@ -95,32 +115,67 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
     return device, dims
 
 
-def train_with(cfg: Config, info: RankInfo, device: Device, dims: ParallelDims) -> Trainer:
-    """Build the mesh, the run folder and the trainer, and train. A distributed run needs its process group."""
+def train_with(cfg: Config, info: RankInfo, device: Device, dims: ParallelDims,
+               notice: Optional[PreemptionNotice] = None, started: Optional[Started] = None) -> Trainer:
+    """Build the mesh, the run folder and the trainer, and train. A distributed run needs its process group;
+    `started` (what init_distributed set up) brings the timeouts and the job's store for the stalled-rank watch."""
     import torch.distributed as dist
-    import yaml
 
-    from launch.env import describe_timeouts, process_group_timeouts, set_group_timeouts
-    from train.config import to_plain_dict
+    from launch.env import describe_timeouts, flight_recorder_file, set_group_timeouts
+    from train.rundir import release
     from train.trainer import Trainer
 
     mesh = dims.build_mesh(device.kind) if info.distributed else None
-    timeouts = process_group_timeouts(device, cfg.parallel.init_timeout_s, cfg.parallel.step_timeout_s)
     groups = [dist.group.WORLD, *mesh.groups()] if mesh is not None else []
-    set_group_timeouts(groups, device, timeouts.init_s)  # the mesh's groups start with their backend's default
-    run_dir = _shared_run_dir(cfg.run.dir, cfg.model.name, info.distributed)
+    if started is not None:
+        set_group_timeouts(groups, device, started.timeouts.init_s)  # the mesh's groups start with their default
+    run_dir = _shared_run_dir(cfg.run.dir, cfg.model.name, info)
     _setup_logging(run_dir, info.rank)
-    if info.rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))
-    if info.distributed:
-        log.info(describe_timeouts(device, timeouts))
+    flight_recorder_file(device, str(run_dir / "logs"))
+    watch = _watch(cfg, info, started)
+    if started is not None:
+        log.info(describe_timeouts(device, started.timeouts))
     barrier = _barrier if info.distributed else _no_barrier
-    trainer = Trainer(cfg, device, dims, run_dir, info.rank, info.local_rank, mesh, barrier)
-    set_group_timeouts(groups, device, timeouts.step_s)
-    summary = trainer.fit()
+    try:
+        trainer = Trainer(cfg, device, dims, run_dir, info.rank, info.local_rank, mesh, barrier, notice,
+                          watch.progress if watch else _no_progress)
+        if started is not None:
+            set_group_timeouts(groups, device, started.timeouts.step_s)
+        summary = trainer.fit()
+    finally:
+        if watch is not None:
+            watch.stop()
+    if info.rank == 0:
+        release(run_dir)
     log.info("done: %s; run folder %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                                                    if isinstance(v, float)), run_dir)
     return trainer
+
+
+def _watch(cfg: Config, info: RankInfo, started: Optional[Started]) -> Optional[Heartbeat]:
+    """The stalled-rank watch (launch/heartbeat.py) on its own connection to the job's store; None on one rank or
+    with parallel.stall_timeout_s=0."""
+    from launch.env import connect_job_store
+    from launch.heartbeat import Heartbeat
+
+    stall = cfg.parallel.stall_timeout_s
+    if started is None or started.store is None or stall == 0:
+        return None
+    store = connect_job_store(info, started.timeouts.init_s) or started.store
+    slow = max(stall, cfg.parallel.init_timeout_s)  # start-up and the first step build, compile and connect
+
+    def budget_s(phase: str) -> float:
+        return stall if phase in ("train step", "evaluation") else slow
+
+    def on_stall(message: str) -> None:
+        from train.failures import EXIT_PEER, PeerFailure, report
+
+        log.error(message)
+        report(PeerFailure(message), info.rank, True, started.store)
+        logging.shutdown()
+        os._exit(EXIT_PEER)  # the main thread is blocked in a collective: only this ends the process
+
+    return Heartbeat(store, info.rank, info.world_size, budget_s, on_stall).start()
 
 
 def _barrier() -> None:
@@ -133,18 +188,68 @@ def _no_barrier() -> None:
     pass
 
 
-def run(cfg: Config, info: RankInfo) -> int:
-    from launch.env import init_distributed
+def _no_progress(step: int, phase: str) -> None:
+    pass
 
+
+def run(cfg: Config, info: RankInfo, notice: PreemptionNotice) -> int:
+    """Train; return the exit code (train/failures.py), having printed the failure's line where it is news."""
+    from launch.env import init_distributed
+    from train.failures import report
+
+    notice.grace_s = cfg.checkpoint.preempt_grace_s
     try:
         device, dims = prepare(cfg, info)
+    except ConfigError as error:  # the config and the layout: the same on every rank, so rank 0 says it
+        return report(error, info.rank, info.distributed, everyone=False)
+    started = None
+    try:
         if info.distributed:
-            init_distributed(device, info, cfg.parallel.init_timeout_s, cfg.parallel.step_timeout_s)
-        train_with(cfg, info, device, dims)
-    except ConfigError as error:
-        _error(str(error), info.rank)
-        return 2
+            started = init_distributed(device, info, cfg.parallel.init_timeout_s, cfg.parallel.step_timeout_s)
+        train_with(cfg, info, device, dims, notice, started)
+    except BaseException as error:  # DCP's CheckpointException and KeyboardInterrupt are not Exceptions
+        return _failed(error, info, started.store if started is not None else None)
+    finally:
+        notice.uninstall()
     return 0
+
+
+def _failed(error: BaseException, info: RankInfo, store: Optional[object]) -> int:
+    """The exit code of a failed run, after its one line (and, for a bug, the traceback) where it is news: a rank
+    whose collective broke because another rank failed first stays silent, with exit 4."""
+    from train.failures import EXIT_PEER, PeerFailure, first_failure, is_ours, looks_collective, report
+
+    if info.distributed and not is_ours(error) and looks_collective(error):
+        if first_failure(store) is not None:
+            return EXIT_PEER
+        error = PeerFailure(f"a collective failed ({_first_line(error)}): another rank stopped or died; its log "
+                            f"(run.dir/logs/rank_<r>.log) or the launcher's summary names it")
+    bug = not is_ours(error) and not isinstance(error, KeyboardInterrupt)
+    _to_log_files(error, traceback=bug)
+    if bug:
+        if not info.distributed or first_failure(store) is None:
+            import traceback
+
+            traceback.print_exception(error)
+    return report(error, info.rank, info.distributed, store)
+
+
+def _to_log_files(error: BaseException, traceback: bool) -> None:
+    """The failure (and a bug's traceback) into this rank's log file, whatever the console shows."""
+    from train.failures import error_line
+
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, error_line(error, None), (),
+                            (type(error), error, error.__traceback__) if traceback else None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a collective's error: its first sentence, without gloo's source-file prefix."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text).split(". ")[0]
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -157,19 +262,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from launch.env import rank_info
     from train.config import load_config, to_plain_dict
+    from train.failures import report
+    from train.preempt import PreemptionNotice
 
     info = rank_info()
+    # From the start: when rank 1 stops on a config error first, torchrun's SIGTERM must not end rank 0 before it
+    # has printed the line (the grace period is set once the config is read).
+    notice = PreemptionNotice(grace_s=60).install()
     try:
         cfg = load_config(args)
     except ConfigError as error:
-        _error(str(error), info.rank)
-        return 2
+        return report(error, info.rank, info.distributed, everyone=False)
     if show_config:
         import yaml
 
         print(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False), end="")
         return 0
-    return run(cfg, info)
+    return run(cfg, info, notice)
 
 
 if __name__ == "__main__":
@@ -178,7 +287,7 @@ if __name__ == "__main__":
     code = 1
     try:
         code = main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before run() took over (reading the config)
         code = 130
     except Exception:
         import traceback

@@ -16,7 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from configs.errors import ConfigError
 from configs.loading import load_typed_config
-from configs.schema import DeviceConfig, ModelConfig, ParallelConfig, TrainConfig
+from configs.schema import DeviceConfig, ModelConfig, ParallelConfig, TrainConfig, require_finite
 from launch.device import DEVICE_KINDS
 from train.data import DataConfig
 
@@ -47,6 +47,7 @@ class OptimConfig:
     schedule: LRSchedule = LRSchedule.cosine
 
     def __post_init__(self) -> None:
+        require_finite("optim", self)
         if self.name != "adamw":
             raise ConfigError(f"optim.name={self.name!r} is not supported: use optim.name=adamw")
         if self.lr <= 0:
@@ -84,12 +85,17 @@ class CheckpointConfig:
     final: bool = True
     # Keep only the newest N committed checkpoints (0 = keep all).
     keep_last: int = 0
+    # On SIGTERM or SIGUSR1 (a scheduler's notice), every rank stops at the next step boundary and saves; a save that
+    # has not finished this many seconds after the signal gives up (exit 75 either way).
+    preempt_grace_s: int = 60
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError(f"checkpoint.every={self.every} must be >= 0 (0 = never)")
         if self.keep_last < 0:
             raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 = keep all)")
+        if self.preempt_grace_s < 1:
+            raise ConfigError(f"checkpoint.preempt_grace_s={self.preempt_grace_s} must be >= 1 second")
 
 
 @dataclass

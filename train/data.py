@@ -148,11 +148,29 @@ def text_files(path: str) -> list[Path]:
     raise DataError(f"data.path={path!r} does not exist: point it at a text file or a folder of text files")
 
 
-def read_documents(files: Iterable[Path], max_bytes: int) -> Iterator[str]:
-    """Yield each file's text until max_bytes (0 = unlimited) have been read; undecodable bytes are replaced."""
+def _binary_reason(data: bytes) -> str:
+    """Why `data` is not text ("" if it is): a NUL byte in its first 8 KiB (git's and grep's test), or more than
+    a third of its first 64 KiB undecodable as UTF-8."""
+    if b"\0" in data[:8192]:
+        return "it holds NUL bytes"
+    head = data[:65536].decode("utf-8", errors="replace")
+    if head and head.count("\ufffd") > len(head) / 3:
+        return "most of its bytes are not UTF-8"
+    return ""
+
+
+def read_documents(files: Iterable[Path], max_bytes: int, check_text: bool = False) -> Iterator[str]:
+    """Yield each file's text until max_bytes (0 = unlimited) have been read; undecodable bytes are replaced.
+    `check_text`: a file that is not text (train/data.py `_binary_reason`) is refused rather than trained on as
+    replacement characters."""
     total = 0
     for file in files:
-        text = file.read_bytes().decode("utf-8", errors="replace")
+        data = file.read_bytes()
+        reason = _binary_reason(data) if check_text else ""
+        if reason:
+            raise DataError(f"data.path: {file} is not a text file ({reason}): remove it from the corpus, or write "
+                            f"pre-tokenized shards with `python -m train.data prepare` and use data.source=memmap")
+        text = data.decode("utf-8", errors="replace")
         if not text.strip():
             continue
         yield text
@@ -202,8 +220,9 @@ def write_shards(tokens: np.ndarray, out_dir: str, tokenizer: Tokenizer, shard_t
     return out
 
 
-def read_shards(path: str) -> tuple[list[np.ndarray], int]:
-    """Memory-map every shard listed in `path/meta.json`; returns the arrays and the vocabulary size."""
+def read_shards(path: str) -> tuple[list[np.ndarray], int, list[str]]:
+    """Memory-map every shard listed in `path/meta.json`; returns the arrays, the vocabulary size and the shards'
+    file names."""
     meta_file = Path(path) / "meta.json"
     if not meta_file.is_file():
         raise DataError(f"data.path={path!r} has no meta.json: write shards with `python -m train.data prepare`")
@@ -219,7 +238,7 @@ def read_shards(path: str) -> tuple[list[np.ndarray], int]:
             if not file.is_file() or file.stat().st_size != expected:
                 raise ValueError(f"{file.name} is missing or not {expected} bytes long")
             arrays.append(np.memmap(file, dtype=dtype, mode="r"))
-        return arrays, int(meta["vocab_size"])
+        return arrays, int(meta["vocab_size"]), [shard["file"] for shard in meta["shards"]]
     except (ValueError, KeyError, TypeError) as error:
         raise DataError(f"data.path={path!r} holds unreadable shards ({error}): prepare them again") from None
 
@@ -230,9 +249,15 @@ def read_shards(path: str) -> tuple[list[np.ndarray], int]:
 class SequenceDataset:
     """Fixed-length (seq_len + 1)-token windows over one or more token streams, at stride seq_len."""
 
-    def __init__(self, streams: Sequence[np.ndarray], seq_len: int, index: Optional[np.ndarray] = None) -> None:
+    def __init__(self, streams: Sequence[np.ndarray], seq_len: int, index: Optional[np.ndarray] = None,
+                 vocab_size: Optional[int] = None, names: Optional[Sequence[str]] = None) -> None:
+        """`vocab_size`: ids a batch may hold (checked per batch: pre-tokenized shards come from outside, and an id
+        beyond the embedding fails on a device as an assert, far from its cause); `names`: each stream's, for that
+        line."""
         self.streams = list(streams)
         self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.names = list(names) if names is not None else [f"stream {i}" for i in range(len(self.streams))]
         if index is None:
             rows = []
             for stream_id, stream in enumerate(self.streams):
@@ -252,15 +277,27 @@ class SequenceDataset:
         n_val = max(1, int(round(len(self) * val_fraction)))
         if len(self) - n_val < 1:
             raise DataError(f"the corpus gives only {len(self)} sequences: use more text or a shorter train.seq_len")
-        train = SequenceDataset(self.streams, self.seq_len, self.index[:-n_val])
-        val = SequenceDataset(self.streams, self.seq_len, self.index[-n_val:])
+        train = SequenceDataset(self.streams, self.seq_len, self.index[:-n_val], self.vocab_size, self.names)
+        val = SequenceDataset(self.streams, self.seq_len, self.index[-n_val:], self.vocab_size, self.names)
         return train, val
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (len(indices), seq_len) int64."""
         rows = np.stack([self[int(i)] for i in indices]).astype(np.int64)
+        if self.vocab_size is not None and rows.size and rows.max() >= self.vocab_size:
+            self._out_of_vocabulary(indices)
         tokens = torch.from_numpy(rows)
         return tokens[:, :-1], tokens[:, 1:]
+
+    def _out_of_vocabulary(self, indices: Sequence[int]) -> None:
+        """Raise the line that names the first id beyond the vocabulary among these sequences, and where it is."""
+        for i in indices:
+            stream_id, start = self.index[int(i)]
+            bad = np.flatnonzero(self[int(i)] >= self.vocab_size)
+            if bad.size:
+                raise DataError(f"data.path: {self.names[stream_id]} holds token id {int(self[int(i)][bad[0]])} at "
+                                f"token {int(start + bad[0])}, beyond the vocabulary of {self.vocab_size} ids its "
+                                f"meta.json declares: prepare the shards again with the tokenizer they are meant for")
 
 
 @dataclass
@@ -273,16 +310,19 @@ class Datasets:
 
 def build_datasets(cfg: DataConfig, seq_len: int) -> Datasets:
     if cfg.source == DataSource.memmap:
-        streams, vocab = read_shards(cfg.path)
+        streams, vocab, names = read_shards(cfg.path)
         description = f"memmap shards at {cfg.path}"
+        checked_vocab: Optional[int] = vocab
     else:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.eos_token)
         files = stdlib_files() if cfg.source == DataSource.stdlib else text_files(cfg.path)
-        streams = [tokenize_documents(read_documents(files, cfg.max_bytes), tokenizer)]
+        documents = read_documents(files, cfg.max_bytes, check_text=cfg.source == DataSource.text)
+        streams = [tokenize_documents(documents, tokenizer)]
         vocab = tokenizer.vocab_size
         where = "the Python standard library" if cfg.source == DataSource.stdlib else cfg.path
         description = f"{where} ({len(streams[0]):,} tokens, {tokenizer.name} tokenizer)"
-    train, val = SequenceDataset(streams, seq_len).split(cfg.val_fraction)
+        names, checked_vocab = [where], None  # our own tokenizer's ids
+    train, val = SequenceDataset(streams, seq_len, vocab_size=checked_vocab, names=names).split(cfg.val_fraction)
     return Datasets(train, val, vocab, description)
 
 
@@ -293,7 +333,8 @@ class GlobalBatchSampler:
     """Global batches of sequence indices from a per-epoch seeded permutation, dropping each epoch's remainder.
 
     Every rank holds the same sampler and draws the same global batch; `rank_slice` picks a rank's part. The state
-    (epoch, offset) is all that a resumed run needs to continue with exactly the batches it would have seen.
+    (epoch, offset) is all that a resumed run needs to continue with exactly the batches it would have seen, plus the
+    batches left out after a rollback (train.nonfinite=rollback), each by the (epoch, offset) it was drawn at.
     """
 
     def __init__(self, num_sequences: int, global_batch: int, seed: int) -> None:
@@ -307,6 +348,9 @@ class GlobalBatchSampler:
         self.seed = seed
         self.epoch = 0
         self.offset = 0
+        self.left_out: set[tuple[int, int]] = set()
+        # (epoch, offset) of the batch drawn last
+        self.last_position = (0, 0)
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -314,12 +358,19 @@ class GlobalBatchSampler:
         return torch.randperm(self.num_sequences, generator=generator).numpy()
 
     def next_batch(self) -> np.ndarray:
-        if self.offset + self.global_batch > self.num_sequences:
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        batch = self._order[self.offset : self.offset + self.global_batch]
-        self.offset += self.global_batch
-        return batch
+        while True:
+            if self.offset + self.global_batch > self.num_sequences:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            position = (self.epoch, self.offset)
+            self.offset += self.global_batch
+            if position not in self.left_out:
+                self.last_position = position
+                return self._order[position[1] : position[1] + self.global_batch]
+
+    def leave_out(self, positions: Iterable[tuple[int, int]]) -> None:
+        """Never draw the batches at these (epoch, offset) positions again."""
+        self.left_out.update((int(e), int(o)) for e, o in positions)
 
     def state_dict(self) -> dict:
         return {
@@ -328,6 +379,7 @@ class GlobalBatchSampler:
             "seed": self.seed,
             "num_sequences": self.num_sequences,
             "global_batch": self.global_batch,
+            "left_out": sorted(self.left_out),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -338,6 +390,8 @@ class GlobalBatchSampler:
                     f"resume with the same data, train.seed and train.global_batch, or checkpoint.resume=none"
                 )
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.left_out = set()
+        self.leave_out(state.get("left_out", []))
         self._order = self._permutation(self.epoch)
 
 

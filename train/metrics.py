@@ -21,6 +21,9 @@ from train.config import LoggingConfig, LoggingMode
 class MetricsLogger(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
 
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step` (a run resumed from there logs those steps again)."""
+
     def finish(self) -> None: ...
 
 
@@ -28,6 +31,9 @@ class NullLogger:
     """What every rank but 0 logs to."""
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def finish(self) -> None:
@@ -39,12 +45,27 @@ class JsonlLogger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # at start-up, not at the first logged step: a file that cannot be written is bad input
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.open("a").close()
+        except OSError as error:
+            raise ConfigError(f"{path} cannot be written ({error.strerror or error}): free it, or choose another "
+                              f"run.dir") from None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step`, so that each step appears once however often the run resumed. The file is
+        replaced whole (written beside it, then renamed), so a crash here leaves the old one."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        spare = self.path.with_name(self.path.name + ".tmp")
+        spare.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(spare, self.path)
 
     def finish(self) -> None:
         pass
@@ -92,6 +113,9 @@ class WandbLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({k: self._chartable(v) for k, v in metrics.items() if v is not None}, step=step)
 
+    def rewind(self, step: int) -> None:
+        pass  # wandb keeps a resumed run's history and ignores steps it already has
+
     def _chartable(self, value: Any) -> Any:
         """A list (tokens per expert) becomes a histogram whose bin i is expert i, so wandb can chart it."""
         if isinstance(value, list):
@@ -115,6 +139,10 @@ class FanOutLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for logger in self.loggers:
             logger.log(metrics, step)
+
+    def rewind(self, step: int) -> None:
+        for logger in self.loggers:
+            logger.rewind(step)
 
     def finish(self) -> None:
         for logger in self.loggers:

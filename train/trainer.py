@@ -29,7 +29,11 @@ from train import checkpoint as ckpt
 from train.config import Config, to_plain_dict
 from train.data import GlobalBatchSampler, SequenceDataset, build_datasets, micro_batches, rank_slice
 from train.metrics import Throughput, build_logger, format_line
+from train.failures import Diverged, Preempted
+from train.guard import StepGuard
 from train.optim import WarmupDecay, build_optimizer
+from train.preempt import PreemptionNotice
+from train.rundir import write_config
 
 log = logging.getLogger("supertrain")
 
@@ -45,7 +49,11 @@ class Trainer:
         local_rank: int = 0,
         mesh: Optional[Meshes] = None,
         barrier: Callable[[], None] = lambda: None,
+        notice: Optional[PreemptionNotice] = None,
+        progress: Callable[[int, str], None] = lambda step, phase: None,
     ) -> None:
+        """`notice`: the preemption signals' flag (train/preempt.py); `progress(step, phase)`: what the rank is doing,
+        for the stalled-rank watch (launch/heartbeat.py)."""
         self.cfg = cfg
         self.device = device
         self.torch_device = device.torch_device(local_rank)
@@ -69,6 +77,13 @@ class Trainer:
                                    lambda module: build_optimizer(module, cfg.optim))
         self.lr_schedule = WarmupDecay(cfg.optim, cfg.train.steps)
         self.step = 0
+        self.notice = notice
+        self.progress = progress
+        self._warm = False
+        world = dist.group.WORLD if dist.is_initialized() else None
+        self.guard = StepGuard(cfg.train, notice, self.torch_device, world, self.engine.global_loss)
+        # Batches left out after rollbacks, kept across the reloads that would forget them.
+        self.left_out: set[tuple[int, int]] = set()
 
         self.checkpoints = ckpt.CheckpointManager(run_dir / "checkpoints", rank, barrier, cfg.checkpoint.keep_last)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -100,15 +115,28 @@ class Trainer:
 
     # ---- steps ----------------------------------------------------------------------------------------------
 
-    def train_step(self) -> StepOutput:
+    def train_step(self) -> Optional[StepOutput]:
+        """One optimizer step, guarded (train/guard.py); None when the step was rolled back."""
+        # The first step of a process also builds kernels, compiles and connects: the watch gives it longer.
+        self.progress(self.step + 1, "train step" if self._warm else "first step")
         batches = self._rank_batches(self.data.train, self.sampler.next_batch())
-        output = self.engine.train_step(batches, self.lr_schedule.rate(self.step), self.cfg.train.grad_clip)
+        lr = self.lr_schedule.rate(self.step)
+        output = self.engine.train_step(batches, lr, self.cfg.train.grad_clip, self.guard.check)
+        action = self.guard.after_step(self.step + 1, lr)  # raises Diverged where the policy says stop
+        if action == "rollback":
+            self._rollback()
+            return None
         self.step += 1
+        self._warm = True
+        if action == "skip":
+            log.warning("step %d: %s: its update was dropped (train.nonfinite=skip)", self.step, self.guard.last.reason)
+            self.logger.log({"event": "skipped", "reason": self.guard.last.reason}, self.step)
         return output
 
     def evaluate(self) -> float:
         total = 0.0
         for b in range(self.cfg.train.eval_batches):
+            self.progress(self.step, "evaluation")
             total += self.engine.evaluate(self._rank_batches(self.data.val, self._val_indices(b)))
         return total / self.cfg.train.eval_batches
 
@@ -121,7 +149,25 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
+    def _parameters_finite(self) -> bool:
+        """Whether every rank's parameters are finite (agreed across ranks): a checkpoint is never written from
+        non-finite state."""
+        bad = torch.zeros((), device=self.torch_device)
+        for part in self.engine.parts:
+            for param in part.parameters():
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if local.numel():
+                    bad = torch.maximum(bad, (~torch.isfinite(local.detach())).any().float())
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad)
+
     def save_checkpoint(self) -> Path:
+        self.progress(self.step, "checkpoint save")
+        if not self._parameters_finite():
+            raise Diverged(f"step {self.step}: the parameters are not finite, so no checkpoint was written (the last "
+                           f"one is intact): lower optim.lr")
+
         def write(folder: Path) -> None:
             self.engine.save(folder)
             ckpt.save_rng(folder, self.rank, self.device.rng_state())
@@ -138,6 +184,43 @@ class Trainer:
         path = self.resume_path
         if path is None:
             return
+        self._load(path)
+        if self.step >= self.cfg.train.steps:
+            raise ConfigError(f"train.steps={self.cfg.train.steps} is not beyond step {self.step} of the checkpoint "
+                              f"{path}: raise train.steps to train on, or start afresh with checkpoint.resume=none")
+        log.info("resumed from %s at step %d (saved under %s)", path, self.step,
+                 ckpt.read_commit_info(path).get("layout"))
+
+    def _started_cleanly(self, resumed_at: int) -> None:
+        """After the first step of this start: only now does the run folder change (config.yaml, the metrics rows
+        after the checkpoint), so a start that fails on its checkpoint, its data or its first step leaves an existing
+        run as it was."""
+        if self.rank == 0:
+            write_config(self.run_dir, to_plain_dict(self.cfg))
+        if self.resume_path is not None:
+            self.logger.rewind(resumed_at)  # the steps after the checkpoint are logged again as they are run again
+            self.logger.log({"event": "resume", "from": str(self.resume_path)}, resumed_at)
+
+    def _rollback(self) -> None:
+        """Reload the newest intact checkpoint, and leave out from then on the batch that just failed."""
+        failed_step, reason = self.step + 1, self.guard.last.reason
+        self.left_out.add(self.sampler.last_position)
+        path = ckpt.newest_intact(self.run_dir / "checkpoints")
+        if path is None:
+            raise Diverged(f"step {failed_step}: {reason}, and there is no checkpoint to roll back to: lower optim.lr, "
+                           f"or save earlier (checkpoint.every)")
+        self._load(path)
+        self.sampler.leave_out(self.left_out)
+        self.guard.forget_losses()
+        epoch, offset = self.sampler.last_position
+        log.warning("step %d: %s: rolled back to %s (step %d); that batch is left out from now on", failed_step,
+                    reason, path.name, self.step)
+        self.logger.rewind(self.step)
+        self.logger.log({"event": "rollback", "failed_step": failed_step, "reason": reason, "to": str(path),
+                         "left_out": sorted(self.left_out)}, self.step)
+
+    def _load(self, path: Path) -> None:
+        self.progress(self.step, "checkpoint load")
         info = ckpt.read_commit_info(path)
         if info.get("engine", "native") != self.engine.kind:
             raise ckpt.CheckpointError(
@@ -157,8 +240,19 @@ class Trainer:
         rng = ckpt.load_rng(path, self.rank)
         if rng is not None:
             self.device.set_rng_state(rng["device"])
-        self.logger.log({"event": "resume", "from": str(path)}, self.step)
-        log.info("resumed from %s at step %d (saved under %s)", path, self.step, info.get("layout"))
+
+    def _stop_for_preemption(self) -> None:
+        """Every rank agreed at this step that a stop signal arrived: save here (unless just saved) and stop."""
+        signal_name = self.notice.received[0] if self.notice and self.notice.received else "a stop signal"
+        path = self.run_dir / "checkpoints" / f"step_{self.step}"
+        if not ckpt.is_committed(path):
+            path = self.save_checkpoint()
+        if self.notice is not None:
+            self.notice.saved()
+        self.logger.log({"event": "preempted", "signal": signal_name}, self.step)
+        self.logger.finish()
+        raise Preempted(f"{signal_name} received: saved {path} at step {self.step}; run the same command again to "
+                        f"resume from it")
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every
@@ -170,6 +264,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self.resume()
+        resumed_at, first = self.step, True
         cfg = self.cfg
         total = cfg.train.steps
         progress = _progress_bar(self.rank, self.step, total)
@@ -180,6 +275,13 @@ class Trainer:
         self.throughput.restart()
         while self.step < total:
             output = self.train_step()
+            if output is None:  # rolled back: the step counter went back with the checkpoint
+                progress = _progress_bar(self.rank, self.step, total) if self.rank == 0 else progress
+                self.throughput.restart()
+                continue
+            if first:
+                self._started_cleanly(resumed_at)
+                first = False
             self.throughput.add(self.tokens_per_step)
             progress.update(1)
             metrics: dict[str, Any] = {}
@@ -209,6 +311,8 @@ class Trainer:
             if self._checkpoint_due():
                 self.save_checkpoint()
                 paused = True
+            if self.guard.last.preempt:
+                self._stop_for_preemption()
             if paused:
                 self.throughput.restart()
         progress.close()

@@ -148,3 +148,18 @@ def test_print_config_and_help():
     result = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, env=clean_env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "llama3_405b" in result.stdout
+
+
+def test_a_resumed_run_follows_its_new_learning_rate_and_says_so(tmp_path):
+    """The learning rate is a function of the step and the config: a resume with a new optim.lr uses it from the
+    resumed step on, keeps the earlier config.yaml as config.1.yaml and names the changed key."""
+    args = [*FAST, "optim.schedule=constant", "checkpoint.every=2", f"run.dir={tmp_path}"]
+    assert run_train([*args, "train.steps=2", "optim.lr=0.002"]).returncode == 0
+    result = run_train([*args, "train.steps=4", "optim.lr=0.001"])
+    assert result.returncode == 0, result.stderr
+    assert "optim.lr 0.002 -> 0.001" in result.stderr and "train.steps 2 -> 4" in result.stderr
+    rates = {m["step"]: m["lr"] for m in read_metrics(tmp_path) if "lr" in m}
+    assert rates == {1: pytest.approx(0.001), 2: pytest.approx(0.002), 3: pytest.approx(0.001),
+                     4: pytest.approx(0.001)}
+    assert "lr: 0.002" in (tmp_path / "config.1.yaml").read_text()
+    assert "lr: 0.001" in (tmp_path / "config.yaml").read_text()
