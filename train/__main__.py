@@ -78,7 +78,9 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
     class _Console(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            tqdm.write(self.format(record), file=sys.stderr)  # prints above a live progress bar
+            with tqdm.external_write_mode(file=sys.stderr):  # above a live progress bar; one write per line
+                sys.stderr.write(self.format(record) + "\n")
+                sys.stderr.flush()
 
     log.setLevel(logging.INFO)
     log.propagate = False

@@ -101,8 +101,15 @@ def report(error: BaseException, rank: int, distributed: bool, store: Optional[A
     line = error_line(error, rank if distributed else None)
     news = _news(store, rank, _message(error), collateral=isinstance(error, PeerFailure))
     if not distributed or (not everyone and rank == 0) or (everyone and news):
-        print(line, file=sys.stderr, flush=True)
+        _say(line)
     return exit_code(error)
+
+
+def _say(line: str) -> None:
+    """One write for the line and its newline: with PYTHONUNBUFFERED (common in containers) print() makes two, and
+    another rank's output on the shared stderr can land between them."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _news(store: Optional[Any], rank: int, message: str, collateral: bool) -> bool:

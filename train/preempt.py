@@ -56,7 +56,8 @@ class PreemptionNotice:
 
     def _give_up(self) -> None:
         name = self.received[0] if self.received else "a signal"
-        print(f"supertrain: error: {name} arrived {self.grace_s:g} s ago and the checkpoint it asked for has not "
-              f"finished: stopping without it (the previous checkpoint is intact; raise checkpoint.preempt_grace_s)",
-              file=sys.stderr, flush=True)
+        sys.stderr.write(f"supertrain: error: {name} arrived {self.grace_s:g} s ago and the checkpoint it asked for "
+                         f"has not finished: stopping without it (the previous checkpoint is intact; raise "
+                         f"checkpoint.preempt_grace_s)\n")
+        sys.stderr.flush()
         os._exit(EXIT_PREEMPTED)
