@@ -36,25 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from bench.quick_run import FAST
+
 REPO = Path(__file__).resolve().parent.parent
 
-# tests/conftest.py's FAST (a short deterministic CPU run), a smaller model (a checkpoint of 2 MB rather than 40)
-# and two steps: whatever a case starts, it ends in seconds.
-FAST = [
-    "device=cpu",
-    "train.mixed_precision=fp32",
-    "train.seq_len=64",
-    "train.global_batch=8",
-    "train.micro_batch=4",
-    "train.eval_every=0",
-    "data.max_bytes=2000000",
-    "logging.mode=disabled",
-    "logging.every=1",
-    "checkpoint.every=0",
-    "optim.warmup_steps=2",
-]
-# The good run's command, two committed checkpoints (step_1, step_2), and every case's before its own overrides:
-# a case that changes nothing else is the good run started again.
+# The quick run (bench/quick_run.py) with a smaller model (a checkpoint of 2 MB rather than 40) and two steps:
+# whatever a case starts, it ends in seconds. It is the good run's command (two committed checkpoints, step_1 and
+# step_2) and every case's before its own overrides: a case that changes nothing else is the good run started again.
 BASE = [*FAST, "model.d_model=64", "model.ffn_hidden=128", "train.steps=2", "checkpoint.every=1"]
 
 ERROR_PREFIX = "supertrain: error:"

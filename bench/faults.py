@@ -51,24 +51,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from bench.quick_run import FAST
+
 REPO = Path(__file__).resolve().parent.parent
 
 KILL_TRIALS, SAVE_TRIALS, STALL_TRIALS, PREEMPT_TRIALS = 10, 5, 3, 2
 
-# tests/conftest.py's FAST: a short, deterministic CPU run (fp32: bitwise reproducible), wandb off.
-FAST = [
-    "device=cpu",
-    "train.mixed_precision=fp32",
-    "train.seq_len=64",
-    "train.global_batch=8",
-    "train.micro_batch=4",
-    "train.eval_every=0",
-    "data.max_bytes=2000000",
-    "logging.mode=disabled",
-    "logging.every=1",
-    "checkpoint.every=0",
-    "optim.warmup_steps=2",
-]
 RANKS = 2
 TWO_RANKS = [*FAST, f"parallel.dp_shard={RANKS}"]
 # A model large enough (about 25M parameters, 300 MB with Adam state) that a save takes about a second.

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import get_default_build_root
 
+from bench import quick_run
+
 # One thread in the test process: the machine has two cores, and an in-process reference run with two OpenMP
 # threads slows to a crawl whenever rank processes or other jobs hold the cores.
 torch.set_num_threads(1)
@@ -23,21 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed extra is not installed")
 
-# A short, deterministic CPU run: fp32 so that results are bitwise reproducible, a small corpus slice so start-up
-# is quick, wandb off unless a test asks for it.
-FAST = [
-    "device=cpu",
-    "train.mixed_precision=fp32",
-    "train.seq_len=64",
-    "train.global_batch=8",
-    "train.micro_batch=4",
-    "train.eval_every=0",
-    "data.max_bytes=2000000",
-    "logging.mode=disabled",
-    "logging.every=1",
-    "checkpoint.every=0",
-    "optim.warmup_steps=2",
-]
+FAST = quick_run.FAST  # a short, deterministic CPU run (bench/quick_run.py), shared with the fault benchmarks
+
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
