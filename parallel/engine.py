@@ -118,24 +118,38 @@ def _checkpoint_errors(doing: str) -> Iterator[None]:
                               f"truncated file); checkpoints already saved are untouched") from None
 
 
-def _check_shapes(folder: Path, model_state: dict[str, Any]) -> None:
-    """The checkpoint holds exactly this model's tensors, each with its shape, else one line naming the tensor (the
-    load itself is not strict, for the optimizer's sake, and would drop a saved layer this model lacks)."""
+def _saved_model_tensors(folder: Path) -> dict[str, Any]:
+    """The checkpoint's model tensors (name -> DCP metadata entry), read from its .metadata file alone."""
     from torch.distributed.checkpoint import FileSystemReader
 
     saved = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {key[len("model."):]: entry for key, entry in saved.items() if key.startswith("model.")}
+
+
+def _shape_problem(folder: Path, saved: dict[str, Any], model_state: dict[str, Any]) -> Optional[str]:
+    """The first tensor this rank holds whose saved shape differs, as one line; None when all agree."""
     for name, value in model_state.items():
-        entry = saved.get(f"model.{name}")
-        if entry is None:
-            raise CheckpointError(f"{folder} has no tensor {name}: it holds another model; resume a checkpoint of this "
-                                  f"model, or checkpoint.resume=none")
+        entry = saved.get(name)
         size = tuple(getattr(entry, "size", ()))
-        if isinstance(value, torch.Tensor) and size != tuple(value.shape):
-            raise CheckpointError(f"{folder}: {name} was saved with shape {size} and this model's is "
-                                  f"{tuple(value.shape)}: resume with the model it was saved with (model.*), or "
-                                  f"checkpoint.resume=none")
-    extra = sorted(key[len("model."):] for key in saved if key.startswith("model.") and
-                   key[len("model."):] not in model_state)
+        if entry is not None and isinstance(value, torch.Tensor) and size != tuple(value.shape):
+            return (f"{folder}: {name} was saved with shape {size} and this model's is {tuple(value.shape)}: resume "
+                    f"with the model it was saved with (model.*), or checkpoint.resume=none")
+    return None
+
+
+def _check_same_model(folder: Path, saved: dict[str, Any], model_names: set[str],
+                      shape_problems: list[Optional[str]]) -> None:
+    """The checkpoint holds exactly the whole model's tensors, each with its shape, else one line naming a tensor (the
+    load itself is not strict, for the optimizer's sake, and would drop a saved layer this model lacks). Every rank
+    decides on the same facts, so all raise together instead of some entering the load's collectives alone."""
+    missing = sorted(model_names - set(saved))
+    if missing:
+        raise CheckpointError(f"{folder} has no tensor {missing[0]}: it holds another model; resume a checkpoint of "
+                              f"this model, or checkpoint.resume=none")
+    problem = next((line for line in shape_problems if line), None)
+    if problem:
+        raise CheckpointError(problem)
+    extra = sorted(set(saved) - model_names)
     if extra:
         more = f" and {len(extra) - 1} more tensors" if len(extra) > 1 else ""
         raise CheckpointError(f"{folder} holds {extra[0]}{more} that this model does not have: it holds another "
@@ -381,13 +395,20 @@ class NativeEngine(EngineBase):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         state = self._state()
-        _check_shapes(folder, state["model"])
+        saved = _saved_model_tensors(folder)
+        views = self._over_stages((sorted(state["model"]), _shape_problem(folder, saved, state["model"])))
+        _check_same_model(folder, saved, {name for names, _ in views for name in names},
+                          [problem for _, problem in views])
         with _single_process_is_intended(), _checkpoint_errors(f"loading {folder}"):
             dcp.load(state, checkpoint_id=str(folder))
         options = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
         for part, optimizer in zip(self.parts, self.optimizers):
             set_state_dict(part, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=options)
+
+    def _over_stages(self, local: Any) -> list[Any]:
+        """`local` from every pipeline stage of this rank's pipeline (only this rank's without pipelining)."""
+        return [local]
 
     def checkpoint_info(self) -> dict[str, Any]:
         """Nothing to match: DCP reshards to any layout."""
@@ -442,6 +463,12 @@ class PipelineEngine(NativeEngine):
         combine = {"moe/max_mean_load": max, "moe/aux_loss": sum, "moe/dropped_fraction": max}
         merged.update({key: combine[key](values) for key, values in totals.items()})
         return merged
+
+    def _over_stages(self, local: Any) -> list[Any]:
+        """A stage holds only its own layers: what the checkpoint checks need is gathered from every stage."""
+        gathered: list[Any] = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(gathered, local, group=self.pp_group)
+        return gathered
 
     def _mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
         if not self.has_last:
