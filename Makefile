@@ -1,6 +1,6 @@
 # Two entry points: `make train` and `make test`. Both create .venv on first use.
 # torch==2.13.0 is installed first so that pip takes the local CPU wheel instead of a multi-GB CUDA build.
-# The venv gets every extra (DeepSpeed, plotting) so that the whole suite runs; `make test-fast` runs the unit tests.
+# The venv gets every extra (DeepSpeed, plotting, transformers) so that the whole suite runs; `make test-fast` runs the unit tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deepspeed,plot]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deepspeed,plot,hf]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

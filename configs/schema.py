@@ -78,6 +78,40 @@ class MoEConfig:
             )
 
 
+class RopeScalingKind(str, Enum):
+    none = "none"
+    llama3 = "llama3"  # Llama 3.1: low frequencies divided by `factor`, a smooth band between
+    yarn = "yarn"  # YaRN (arXiv 2309.00071) as DeepSeek-V3 uses it; MLA's softmax scale gains mscale^2
+
+
+@dataclass
+class RopeScaling:
+    """Rotary frequency scaling for context extension (Hugging Face's `rope_scaling` / `rope_parameters`)."""
+
+    kind: RopeScalingKind = RopeScalingKind.none
+    factor: float = 1.0
+    # The context the model was pre-trained with, before extension.
+    original_max_seq_len: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 1.0  # yarn
+    mscale_all_dim: float = 0.0  # yarn
+
+    def __post_init__(self) -> None:
+        require_finite("model.rope_scaling", self)
+        if self.kind != RopeScalingKind.none:
+            if self.factor < 1:
+                raise ConfigError(f"model.rope_scaling.factor={self.factor} must be >= 1")
+            if self.original_max_seq_len <= 0:
+                raise ConfigError(f"model.rope_scaling.kind={self.kind.value} needs "
+                                  f"model.rope_scaling.original_max_seq_len > 0 (the pre-training context)")
+        if self.kind == RopeScalingKind.llama3 and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                              f"low_freq_factor={self.low_freq_factor}")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only transformer. Field names follow Llama / DeepSeek usage."""
@@ -98,6 +132,9 @@ class ModelConfig:
     head_dim: Optional[int] = None
     activation: Activation = Activation.swiglu
     init_std: float = 0.02
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # RMSNorm over each head's query and key before the rotation (Qwen3).
+    qk_norm: bool = False
 
     # Multi-head latent attention (DeepSeek-V2/V3). Used when attention=mla.
     attention: AttentionKind = AttentionKind.gqa

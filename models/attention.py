@@ -13,7 +13,7 @@ from torch import nn
 
 from configs.schema import AttentionKind, ModelConfig
 from models.mla import MultiHeadLatentAttention
-from models.ops import Linear, causal_attention, project, rope_tables
+from models.ops import Linear, RMSNorm, causal_attention, project, rope_tables
 
 
 class GroupedQueryAttention(nn.Module):
@@ -21,16 +21,22 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
         self.wq = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # Qwen3: each head's query and key normalised (one weight shared by all heads) before the rotation.
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
         batch, seq, _ = x.shape
-        rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device)
+        rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
         q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in project(x, (self.wq, self.wk, self.wv)))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return self.wo(causal_attention(q, k, v, rope).reshape(batch, seq, -1))
 
 

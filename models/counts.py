@@ -26,7 +26,8 @@ def attention_params(cfg: ModelConfig) -> int:
         )
         return q + kv + h * cfg.v_head_dim * d
     hd = cfg.head_dim
-    return d * h * hd + 2 * d * cfg.n_kv_heads * hd + h * hd * d
+    qk_norms = 2 * hd if cfg.qk_norm else 0
+    return d * h * hd + 2 * d * cfg.n_kv_heads * hd + h * hd * d + qk_norms
 
 
 def mlp_params(cfg: ModelConfig, hidden: int) -> int:

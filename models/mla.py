@@ -27,6 +27,7 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from models.ops import Linear, RMSNorm, apply_rope, causal_attention, rope_tables
+from models.rope import softmax_scale_gain
 
 
 def _normalize(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.v_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
+        # YaRN's mscale_all_dim raises every score, rotary or not (DeepSeek-V3); 1 without scaling.
+        self.score_gain = softmax_scale_gain(cfg.rope_scaling)
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.low_rank_query = cfg.q_lora_rank > 0
         if self.low_rank_query:
@@ -65,10 +69,12 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
         batch, seq, _ = x.shape
-        rope = rope_tables(seq, self.rope_dim, self.rope_theta, x.device)
+        rope = rope_tables(seq, self.rope_dim, self.rope_theta, x.device, self.rope_scaling)
         q = self._query(x).view(batch, seq, -1, self.nope_dim + self.rope_dim)
         q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_rot, *rope)], dim=-1)
+        if self.score_gain != 1.0:
+            q = q * self.score_gain  # the attention kernels scale by 1/sqrt(qk_head_dim) only
 
         kv = self.wkv_b(_normalize(self.kv_norm, self.wkv_a(x))).view(batch, seq, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)

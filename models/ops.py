@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.schema import RopeScaling
 from models import cpu_native
 from models.cpu_attention import QUERY_BLOCK, blocked_attention_applies, blocked_causal_attention
 from models.cpu_linear import onednn_linear, onednn_linear_applies, onednn_linear_group
+from models.rope import inverse_frequencies, rotation_magnitude
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -70,10 +72,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_tables(seq_len: int, dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, dim: int, theta: float, device: torch.device,
+                scaling: Optional[RopeScaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, each (seq_len, dim // 2), in float32 whatever the compute dtype."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    inv_freq = inverse_frequencies(dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    magnitude = rotation_magnitude(scaling)
+    if magnitude != 1.0:
+        return angles.cos() * magnitude, angles.sin() * magnitude
     return angles.cos(), angles.sin()
 
 

@@ -10,6 +10,7 @@ Model ends:
     output     column-parallel over the vocabulary, kept sharded: the loss runs under `loss_parallel`, so the full
                (batch, seq, vocab) logits are never gathered
 
+Qwen3's per-head query/key norms run on the local heads, their weight replicated with its gradient summed over tp ranks.
 Grouped-query attention with fewer kv heads than tp ranks: the k/v projections stay whole on every rank and each
 rank keeps the one kv head its query heads read (`ReplicatedSharedHeads`); their gradients are summed over tp ranks.
 MLA: wq / wq_b and wkv_b column-parallel, wo row-parallel, the latent projections replicated, and the rotary key
@@ -100,6 +101,11 @@ def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[
         }
     else:
         kv_plan = {"attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel()}
+    if cfg.qk_norm:
+        # Per-head norms (Qwen3) see only this rank's heads (dim 2 of (batch, seq, heads, head_dim)): declared a
+        # shard along the heads, the shared weight's gradient is summed over the tp ranks, as one model's would be.
+        kv_plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        kv_plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     return {"attention.wq": ColwiseParallel(), **kv_plan, "attention.wo": RowwiseParallel(output_layouts=row_out)}
 
 

@@ -30,11 +30,11 @@ FAST = quick_run.FAST  # a short, deterministic CPU run (bench/quick_run.py), sh
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e, tests/accel -> accel
-    (pyproject.toml)."""
+    """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e, tests/accel -> accel,
+    tests/hf -> hf (pyproject.toml)."""
     for item in items:
         folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
-        if folder in ("unit", "dist", "e2e", "accel"):
+        if folder in ("unit", "dist", "e2e", "accel", "hf"):
             item.add_marker(getattr(pytest.mark, folder))
 
 
@@ -70,3 +70,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """The last loss logged for each step (a resumed run logs the steps after its checkpoint again)."""
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Hugging Face folder per architecture we import (tests/hf/tiny_models.py), written once."""
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    sys.path.insert(0, str(REPO / "tests" / "hf"))
+    from tiny_models import SPECS, save_hf_model
+
+    base = tmp_path_factory.mktemp("hf")
+    for kind in SPECS:
+        save_hf_model(kind, base / kind)
+    return {kind: base / kind for kind in SPECS}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import MISSING, OmegaConf
@@ -88,8 +89,18 @@ class CheckpointConfig:
     # On SIGTERM or SIGUSR1 (a scheduler's notice), every rank stops at the next step boundary and saves; a save that
     # has not finished this many seconds after the signal gives up (exit 75 either way).
     preempt_grace_s: int = 60
+    # A Hugging Face model folder (config.json, *.safetensors, index) to start from when there is no checkpoint to
+    # resume: each rank reads only the blocks it holds. Its tokenizer becomes data.tokenizer unless that is set.
+    init_from_hf: Optional[str] = None
+    # At the end of training, write run.dir/hf/: config.json and sharded safetensors that transformers loads.
+    export_hf: bool = False
+    # Data type of the exported weights: bfloat16 (as published checkpoints) or float32 (exact).
+    export_hf_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.export_hf_dtype not in ("bfloat16", "float32", "float16"):
+            raise ConfigError(f"checkpoint.export_hf_dtype={self.export_hf_dtype!r} must be bfloat16, float16 or "
+                              f"float32")
         if self.every < 0:
             raise ConfigError(f"checkpoint.every={self.every} must be >= 0 (0 = never)")
         if self.keep_last < 0:
@@ -122,6 +133,19 @@ class Config:
     def __post_init__(self) -> None:
         if self.device.type not in DEVICE_KINDS:
             raise ConfigError(f"device.type={self.device.type!r} is not one of {', '.join(DEVICE_KINDS)}")
+        if self.model.name == "from_hf":
+            if not self.checkpoint.init_from_hf:
+                raise ConfigError("model=from_hf reads the model's shapes from checkpoint.init_from_hf=<Hugging Face "
+                                  "folder>: set it, or choose a model config")
+            from train.hf.config import adopt_hf_shapes
+
+            self.model = adopt_hf_shapes(self.model, Path(self.checkpoint.init_from_hf))
+        if self.checkpoint.init_from_hf and self.data.tokenizer is None:
+            self.data.tokenizer = self.checkpoint.init_from_hf  # the model's own tokenizer, unless told otherwise
+        uses_hf = self.checkpoint.init_from_hf or self.checkpoint.export_hf
+        if uses_hf and self.parallel.dp_engine.value == "deepspeed":
+            raise ConfigError("checkpoint.init_from_hf and checkpoint.export_hf need parallel.dp_engine=fsdp or ddp: "
+                              "DeepSpeed keeps its own parameter partitions")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
@@ -131,6 +155,14 @@ class Config:
 def load_config(overrides: list[str]) -> Config:
     """Compose configs/train.yaml with command-line overrides into a validated `Config` (ConfigError: one line)."""
     return load_typed_config(overrides, "train", Config, "config_schema")
+
+
+def config_of_run(path: Path) -> Config:
+    """The Config a run recorded in its config.yaml (`run.dir/config.yaml`), validated as at start-up."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: a checkpoint's run folder holds the config.yaml of its run")
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def to_plain_dict(config: Config) -> dict:

@@ -44,8 +44,9 @@ class DataConfig:
     source: DataSource = DataSource.stdlib
     # File or folder for source=text; folder written by `prepare` for source=memmap.
     path: Optional[str] = None
-    # "byte", or the path of a Hugging Face tokenizers JSON file.
-    tokenizer: str = "byte"
+    # "byte", the path of a Hugging Face tokenizers JSON file, or a Hugging Face model folder holding tokenizer.json.
+    # Unset: the folder of checkpoint.init_from_hf when set, else "byte".
+    tokenizer: Optional[str] = None
     # End-of-document token for a Hugging Face tokenizer; None picks a common one if the vocabulary has it.
     eos_token: Optional[str] = None
     # Fraction of sequences held out for evaluation (the last ones).
@@ -92,12 +93,27 @@ class ByteTokenizer:
 _COMMON_EOS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 
 
+def _folder_eos_token(folder: Path) -> Optional[str]:
+    """The end-of-sequence token a model folder names in tokenizer_config.json, if any."""
+    try:
+        token = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+    except (OSError, ValueError):
+        return None
+    return token.get("content") if isinstance(token, dict) else token
+
+
 class HFTokenizer:
-    """A Hugging Face `tokenizers` JSON file (no transformers dependency)."""
+    """A Hugging Face `tokenizers` JSON file, or a model folder's tokenizer.json (no transformers dependency)."""
 
     def __init__(self, path: str, eos_token: Optional[str] = None) -> None:
         from tokenizers import Tokenizer as _Tokenizer
 
+        if Path(path).is_dir():
+            if not (Path(path) / "tokenizer.json").is_file():
+                raise DataError(f"data.tokenizer={path!r} is a folder without tokenizer.json: point it at a Hugging "
+                                f"Face model folder that has one, or at a tokenizer.json file")
+            eos_token = eos_token or _folder_eos_token(Path(path))
+            path = str(Path(path) / "tokenizer.json")
         if not Path(path).is_file():
             raise DataError(f"data.tokenizer={path!r} is neither 'byte' nor an existing tokenizer.json file")
         try:
@@ -118,8 +134,8 @@ class HFTokenizer:
         return self._tok.decode(list(ids))
 
 
-def load_tokenizer(spec: str, eos_token: Optional[str] = None) -> Tokenizer:
-    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec, eos_token)
+def load_tokenizer(spec: Optional[str], eos_token: Optional[str] = None) -> Tokenizer:
+    return ByteTokenizer() if spec in (None, "byte") else HFTokenizer(spec, eos_token)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

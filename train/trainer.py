@@ -31,6 +31,8 @@ from train.data import GlobalBatchSampler, SequenceDataset, build_datasets, micr
 from train.metrics import Throughput, build_logger, format_line
 from train.failures import Diverged, Preempted
 from train.guard import StepGuard
+from train.hf.export import export_hf
+from train.hf.load import check_hf_config, load_hf_weights
 from train.optim import WarmupDecay, build_optimizer
 from train.preempt import PreemptionNotice
 from train.rundir import write_config
@@ -62,6 +64,9 @@ class Trainer:
         self.run_dir = run_dir
         # Checked first: a wrong checkpoint.resume must fail before minutes of set-up, not after.
         self.resume_path = ckpt.resolve_resume(run_dir / "checkpoints", cfg.checkpoint.resume)
+        self.hf_folder = Path(cfg.checkpoint.init_from_hf) if cfg.checkpoint.init_from_hf else None
+        if self.hf_folder is not None and self.resume_path is None:
+            check_hf_config(self.hf_folder, cfg.model)  # a mismatch stops before the data and the model are built
 
         self.data = build_datasets(cfg.data, cfg.train.seq_len)
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -183,6 +188,8 @@ class Trainer:
     def resume(self) -> None:
         path = self.resume_path
         if path is None:
+            if self.hf_folder is not None:
+                self._import_hf(self.hf_folder)
             return
         self._load(path)
         if self.step >= self.cfg.train.steps:
@@ -190,6 +197,23 @@ class Trainer:
                               f"{path}: raise train.steps to train on, or start afresh with checkpoint.resume=none")
         log.info("resumed from %s at step %d (saved under %s)", path, self.step,
                  ckpt.read_commit_info(path).get("layout"))
+
+    def _import_hf(self, folder: Path) -> None:
+        self.progress(self.step, "checkpoint load")
+        report = load_hf_weights(self.engine.parts, self.cfg.model, folder)
+        log.info("started from the Hugging Face checkpoint %s: %d tensors, %.3g GB read by rank %d in %.1fs%s", folder,
+                 report.tensors, report.bytes_read / 1e9, self.rank, report.seconds,
+                 f"; left alone: {len(report.ignored)} tensors of modules not modelled (e.g. {report.ignored[0]})"
+                 if report.ignored else "")
+
+    def export_hf(self, out: Optional[Path] = None) -> Path:
+        """Write the model as a Hugging Face folder (default run.dir/hf). A collective: every rank calls it."""
+        self.progress(self.step, "checkpoint")
+        out = out or self.run_dir / "hf"
+        export_hf(self.engine.parts, self.cfg.model, out, self.cfg.checkpoint.export_hf_dtype, self.hf_folder)
+        log.info("exported the model at step %d to %s (Hugging Face format, %s)", self.step, out,
+                 self.cfg.checkpoint.export_hf_dtype)
+        return out
 
     def _started_cleanly(self, resumed_at: int) -> None:
         """After the first step of this start: only now does the run folder change (config.yaml, the metrics rows
@@ -316,6 +340,8 @@ class Trainer:
             if paused:
                 self.throughput.restart()
         progress.close()
+        if cfg.checkpoint.export_hf:
+            self.export_hf()
         last["wall_time_s"] = time.perf_counter() - started
         if step_times:
             last["step_time_s"] = statistics.median(step_times)
