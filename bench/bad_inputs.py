@@ -312,6 +312,20 @@ def _tokenizer(work: Path) -> None:
     tokenizer.save(str(work / "tokenizer.json"))
 
 
+def _hf_folder(work: Path) -> None:
+    """A Hugging Face folder at work/hf holding the `tiny` model (4 layers), exported by our own code."""
+    import torch
+
+    from configs.schema import ModelConfig
+    from models.transformer import build_model
+    from parallel.materialize import materialize
+    from train.hf.export import export_hf
+
+    # `tiny`'s shape, written out: the cases run in threads, and Hydra's compose is not re-entrant.
+    cfg = ModelConfig(name="tiny", n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, ffn_hidden=768, vocab_size=512)
+    export_hf([materialize(build_model(cfg), cfg, torch.device("cpu"), seed=0)], cfg, work / "hf", "float32")
+
+
 def _copy_step(step: int = 2, to: str = "bad") -> Callable[[Path], Path]:
     """Copy the good run's step_<step> to work/<to>/step_<step> (so the good run's own stays intact)."""
 
@@ -490,6 +504,17 @@ def _cases() -> list[Case]:
         c("memmap_vocab_above_model", ("data=memmap", "data.path={work}/shards"),
           "model.vocab_size=512 is smaller than the tokenizer's 1000 ids", setup=_shards(vocab_size=1000)),
         c("text_missing_torchrun", ("data=text", "data.path={work}/nosuch"), "does not exist", nproc=2),
+        # -- Hugging Face checkpoints --
+        c("hf_not_a_model_folder", ("checkpoint.init_from_hf={work}/corpus",), "has no config.json",
+          setup=_empty_folder),
+        c("hf_without_tokenizer", ("checkpoint.init_from_hf={work}/hf",), "has no tokenizer.json to train with",
+          setup=_hf_folder),
+        c("hf_config_mismatch", ("checkpoint.init_from_hf={work}/hf", "data.tokenizer=byte", "checkpoint.resume=none"),
+          "config.json gives model.d_model=256 and this run has model.d_model=", setup=_hf_folder),
+        c("from_hf_without_folder", ("model=from_hf",), "model=from_hf reads the model's shapes from"),
+        c("hf_under_deepspeed", ("checkpoint.export_hf=true", "parallel.dp_engine=deepspeed"),
+          "need parallel.dp_engine=fsdp or ddp"),
+        c("hf_export_dtype", ("checkpoint.export_hf_dtype=int8",), "checkpoint.export_hf_dtype='int8' must be"),
         # -- checkpoints --
         c("resume_missing", ("checkpoint.resume={work}/nosuch/step_9",), "does not exist"),
         c("resume_uncommitted", (f"checkpoint.resume={on_file}",), "has no COMMITTED marker", setup=_uncommitted),

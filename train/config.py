@@ -133,15 +133,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.device.type not in DEVICE_KINDS:
             raise ConfigError(f"device.type={self.device.type!r} is not one of {', '.join(DEVICE_KINDS)}")
-        if self.model.name == "from_hf":
-            if not self.checkpoint.init_from_hf:
-                raise ConfigError("model=from_hf reads the model's shapes from checkpoint.init_from_hf=<Hugging Face "
-                                  "folder>: set it, or choose a model config")
-            from train.hf.config import adopt_hf_shapes
-
-            self.model = adopt_hf_shapes(self.model, Path(self.checkpoint.init_from_hf))
-        if self.checkpoint.init_from_hf and self.data.tokenizer is None:
-            self.data.tokenizer = self.checkpoint.init_from_hf  # the model's own tokenizer, unless told otherwise
+        if self.model.name == "from_hf" and not self.checkpoint.init_from_hf:
+            raise ConfigError("model=from_hf reads the model's shapes from checkpoint.init_from_hf=<Hugging Face "
+                              "folder>: set it, or choose a model config")
+        if self.checkpoint.init_from_hf:
+            self._start_from_hf(Path(self.checkpoint.init_from_hf))
         uses_hf = self.checkpoint.init_from_hf or self.checkpoint.export_hf
         if uses_hf and self.parallel.dp_engine.value == "deepspeed":
             raise ConfigError("checkpoint.init_from_hf and checkpoint.export_hf need parallel.dp_engine=fsdp or ddp: "
@@ -150,6 +146,20 @@ class Config:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+
+    def _start_from_hf(self, folder: Path) -> None:
+        """checkpoint.init_from_hf: the folder is a Hugging Face model (config.json read now, so a wrong path fails at
+        start-up); model=from_hf takes its shapes; its tokenizer is the default."""
+        from train.hf.config import adopt_hf_shapes, read_hf_config
+
+        read_hf_config(folder)
+        if self.model.name == "from_hf":
+            self.model = adopt_hf_shapes(self.model, folder)
+        if self.data.tokenizer is None:
+            if not (folder / "tokenizer.json").is_file():
+                raise ConfigError(f"checkpoint.init_from_hf={folder} has no tokenizer.json to train with: set "
+                                  f"data.tokenizer (byte, a tokenizer.json file or a model folder)")
+            self.data.tokenizer = str(folder)
 
 
 def load_config(overrides: list[str]) -> Config:
@@ -162,6 +172,9 @@ def config_of_run(path: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: a checkpoint's run folder holds the config.yaml of its run")
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    started_from = merged.checkpoint.init_from_hf
+    if started_from and not Path(started_from).is_dir():
+        merged.checkpoint.init_from_hf = None  # moved since: the run's own checkpoints hold the weights
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

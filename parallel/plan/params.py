@@ -70,11 +70,13 @@ def _attention(cfg: ModelConfig, prefix: str, layer: int) -> list[ParamTensor]:
         ]
     hd, kv = cfg.head_dim, cfg.n_kv_heads
     # parallel/tensor.py keeps k and v whole on every rank when tp exceeds the kv heads (ReplicatedKVHeads).
+    norms = [_norm(f"{prefix}.q_norm", hd, layer), _norm(f"{prefix}.k_norm", hd, layer)] if cfg.qk_norm else []
     return [
         _linear(f"{prefix}.wq", h * hd, d, 0, layer),
         ParamTensor(f"{prefix}.wk.weight", (kv * hd, d), 0, layer=layer, max_tp=kv),
         ParamTensor(f"{prefix}.wv.weight", (kv * hd, d), 0, layer=layer, max_tp=kv),
         _linear(f"{prefix}.wo", d, h * hd, 1, layer),
+        *norms,
     ]
 
 

@@ -74,7 +74,7 @@ def test_import_export_import_is_bit_exact(kind: str, hf_folders, tmp_path) -> N
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generation_equals_transformers_generate(kind: str, hf_folders) -> None:
     model, cfg = _imported(hf_folders[kind])
     reference = build_hf_model(kind)

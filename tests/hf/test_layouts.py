@@ -46,9 +46,15 @@ def _config(folder: Path, layout: str | None) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def layouts(hf_folders) -> dict[tuple[str, str], list[dict]]:
+def exported(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    base = tmp_path_factory.mktemp("hf_exports")
+    return {run: base / f"{run[0]}_{run[1]}" for run in RUNS}
+
+
+@pytest.fixture(scope="module")
+def layouts(hf_folders, exported) -> dict[tuple[str, str], list[dict]]:
     configs = [_config(hf_folders[kind], layout) for kind, layout in RUNS]
-    per_rank = run_ranks(import_and_evaluate, 2, args=(configs,), timeout=900)
+    per_rank = run_ranks(import_and_evaluate, 2, args=(configs, [str(exported[run]) for run in RUNS]), timeout=900)
     return {run: [per_rank[rank][i] for rank in range(2)] for i, run in enumerate(RUNS)}
 
 
@@ -78,6 +84,26 @@ def test_loss_equals_transformers_and_weights_equal_the_single_process_import(ki
     assert held.keys() == whole.keys()
     for name in whole:
         assert torch.equal(held[name], whole[name]), name
+
+
+@pytest.mark.parametrize("kind, layout", RUNS)
+def test_export_under_the_layout_is_written_by_both_ranks_and_reimports_exactly(kind, layout, layouts, exported,
+                                                                                single) -> None:
+    from models.transformer import build_model
+    from parallel.materialize import materialize
+    from train.hf.config import model_config_from_hf, read_hf_config
+    from train.hf.load import load_hf_weights
+
+    folder = exported[(kind, layout)]
+    writers = {file.name.split("-")[1] for file in folder.glob("model-*.safetensors")}
+    assert writers == {"00000", "00001"}
+    cfg = model_config_from_hf(read_hf_config(folder))
+    model = materialize(build_model(cfg), cfg, torch.device("cpu"), seed=5)
+    load_hf_weights([model], cfg, folder)
+    whole = single[kind]["weights"]
+    for name, tensor in model.state_dict().items():
+        if name in whole:
+            assert torch.equal(tensor, whole[name]), name
 
 
 def test_fsdp_ranks_read_each_byte_once_between_them(layouts, hf_folders) -> None:

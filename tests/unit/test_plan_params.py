@@ -14,14 +14,14 @@ def model(name: str):
     return load_plan_config([f"model={name}"]).model
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_moe"])
-def test_inventory_names_and_shapes_match_the_meta_model(name: str) -> None:
-    cfg = model(name)
+@pytest.mark.parametrize("name, extra", [("tiny", []), ("tiny_moe", []), ("tiny", ["model.qk_norm=true"])])
+def test_inventory_names_and_shapes_match_the_meta_model(name: str, extra: list[str]) -> None:
+    cfg = load_plan_config([f"model={name}", *extra]).model
     real = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
     assert {t.name: t.shape for t in model_tensors(cfg)} == real
 
 
-@pytest.mark.parametrize("name", ["llama3_405b", "deepseek_v3", "tiny_moe"])
+@pytest.mark.parametrize("name", ["llama3_405b", "deepseek_v3", "tiny_moe", "qwen3_30b_a3b"])
 def test_inventory_adds_up_to_the_parameter_count(name: str) -> None:
     cfg = model(name)
     assert sum(t.numel for t in model_tensors(cfg)) == num_params(cfg)
