@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from configs.errors import ConfigError
 from launch.device import CUDA, NPU, Device, ascend_generation
 
 log = logging.getLogger("supertrain")
@@ -34,13 +35,23 @@ class RankInfo:
         return self.world_size > 1
 
 
+class LaunchError(ConfigError):
+    """The process was started in a way it cannot run from (one line, exit code 2)."""
+
+
 def rank_info() -> RankInfo:
     """What torchrun (or any launcher following its variables) says about this process."""
-    return RankInfo(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-    )
+    values = {name: os.environ.get(name, default) for name, default in
+              (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"))}
+    if not values["LOCAL_RANK"].strip().isdigit():
+        # MindCluster's Ascend Operator sets LOCAL_RANK to the pod's NPU list and RANK to the pod's node rank.
+        raise LaunchError(f"LOCAL_RANK={values['LOCAL_RANK']!r} is a list of devices, as a MindCluster job sets it, "
+                          f"not this process's rank: start each pod with python -m launch launch.scheduler=mindcluster")
+    try:
+        return RankInfo(**{name.lower(): int(value) for name, value in values.items()})
+    except ValueError:
+        raise LaunchError(f"RANK={values['RANK']!r} and WORLD_SIZE={values['WORLD_SIZE']!r} must be integers (as "
+                          f"torchrun sets them)") from None
 
 
 # Seconds a process-group timeout keeps above HCCL's own, so that HCCL reports a stuck collective (and writes its

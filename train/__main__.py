@@ -267,7 +267,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from train.failures import report
     from train.preempt import PreemptionNotice
 
-    info = rank_info()
+    try:
+        info = rank_info()
+    except ConfigError as error:
+        sys.stderr.write(f"supertrain: error: {error}\n")
+        return 2
     # From the start: when rank 1 stops on a config error first, torchrun's SIGTERM must not end rank 0 before it
     # has printed the line (the grace period is set once the config is read).
     notice = PreemptionNotice(grace_s=60).install()

@@ -13,7 +13,7 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from configs.errors import ConfigError
 from launch.autoload import defer_device_backends
@@ -25,6 +25,16 @@ defer_device_backends()
 def _error(message: str) -> int:
     print(f"supertrain plan: error: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+def launch_command(model: str, parallel: str, cluster: Any, world: int) -> str:
+    """The `python -m launch` command that runs a written plan on the cluster it was planned for."""
+    per_node = min(world, cluster.devices_per_node)
+    device = "cpu" if cluster.host else "npu" if "ascend" in cluster.device.name.lower() else "cuda"
+    nodes = -(-world // per_node)
+    master = "" if nodes == 1 else " launch.master_addr=<node 0's address> launch.node_rank=<this node>"
+    return (f"python -m launch model={model} parallel={parallel} device={device} launch.nodes={nodes} "
+            f"launch.nproc_per_node={per_node}{master}  (or launch.scheduler=slurm|mindcluster)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -117,6 +127,7 @@ def run(args: list[str]) -> int:
             print(f"wrote {path}; run it with: {command}" + ("" if where == Path.cwd() else f" (from {where})"))
         else:
             print(f"wrote {path}; python -m train finds it in ./configs/parallel/: copy it there, then run {command}")
+        print(f"on the cluster it was planned for: {launch_command(model.name, name, cluster, world)}")
     if plan.out:
         header = {"model": model.name, "cluster": cluster.name, "num_devices": world, "seq_len": seq_len,
                   "global_batch": global_batch, "precision": plan.precision, "search_seconds": result.seconds}
