@@ -107,10 +107,11 @@ def run(argv: list[str]) -> int:
     device = str(train["device"]["type"])
     grace = int(train["checkpoint"]["preempt_grace_s"])
     recipe = choose_recipe(cfg.recipe, device, cfg.nproc_per_node)
-    settings = job_environment(recipe, cfg.socket_ifname, device, dict(cfg.env))
+    timeouts = (int(train["parallel"]["init_timeout_s"]), int(train["parallel"]["step_timeout_s"]))
+    settings = job_environment(recipe, cfg.socket_ifname, device, dict(cfg.env), timeouts)
     if recipe is not None:
         _say(f"environment recipe {recipe.name} ({recipe.about}):")
-        for s in recipe.settings:
+        for s in settings:
             _say(f"  {s.name}={s.value}: {s.why} [{s.source}]")
 
     if cfg.runner.value == "torch_npu" and not cfg.dry_run:

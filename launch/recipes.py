@@ -1,8 +1,8 @@
 """Environment recipes: the runtime variables a site sets for an Ascend training job, each with why and where it is
 documented. `launch.recipe=auto` picks one by device and node size; `launch.env.NAME=VALUE` overrides any entry.
 
-HCCL's timeouts are not here: `python -m train` derives HCCL_CONNECT_TIMEOUT and HCCL_EXEC_TIMEOUT from
-parallel.init_timeout_s and step_timeout_s (launch/env.py), so that the process groups' own timeouts stay above them.
+HCCL's two timeouts come from the run's own parallel.init_timeout_s and step_timeout_s (`hccl_timeouts`), computed as
+`python -m train` computes them (launch/env.py), so the process groups' timeouts stay above HCCL's.
 """
 
 from __future__ import annotations
@@ -57,6 +57,17 @@ RECIPES = {
 }
 
 
+def hccl_timeouts(init_timeout_s: int, step_timeout_s: int) -> list[Setting]:
+    """HCCL_CONNECT_TIMEOUT and HCCL_EXEC_TIMEOUT for Atlas A2/A3 from the run's timeouts."""
+    from launch.env import hccl_environment
+
+    why = {"HCCL_CONNECT_TIMEOUT": "seconds to connect every rank: parallel.init_timeout_s, in CANN's range",
+           "HCCL_EXEC_TIMEOUT": "seconds one collective may take: parallel.step_timeout_s (the process groups' "
+                                "timeouts are set above it)"}
+    return [Setting(name, value, why[name], f"{_CANN_ENV}: {name}; launch/env.py")
+            for name, value in hccl_environment("A2/A3", init_timeout_s, step_timeout_s).items()]
+
+
 def choose_recipe(name: str, device: str, nproc_per_node: int) -> Optional[Recipe]:
     """The recipe `launch.recipe` names; `auto`: none off Ascend, else the preset whose node size matches."""
     if name == "none":
@@ -82,11 +93,13 @@ def socket_settings(ifname: Optional[str], device: str) -> list[Setting]:
             for name in variables]
 
 
-def job_environment(recipe: Optional[Recipe], ifname: Optional[str], device: str,
-                    overrides: dict[str, str]) -> list[Setting]:
-    """The recipe, the socket interface, then the user's launch.env entries, later ones replacing earlier."""
+def job_environment(recipe: Optional[Recipe], ifname: Optional[str], device: str, overrides: dict[str, str],
+                    timeouts: tuple[int, int] = (600, 1800)) -> list[Setting]:
+    """The recipe (with HCCL's timeouts from the run's `timeouts`: init, step), the socket interface, then the user's
+    launch.env entries, later ones replacing earlier."""
     chosen: dict[str, Setting] = {}
-    for setting in (*(recipe.settings if recipe else ()), *socket_settings(ifname, device)):
+    recipe_settings = (*recipe.settings, *hccl_timeouts(*timeouts)) if recipe else ()
+    for setting in (*recipe_settings, *socket_settings(ifname, device)):
         chosen[setting.name] = setting
     for name, value in overrides.items():
         chosen[name] = Setting(name, str(value), "set by launch.env", "launch.env")
