@@ -3,7 +3,7 @@
 1. Model FLOP rate: forward + backward of a small dense model (d_model 512, 4 layers, seq 512, fp32), counted as
    `flops_per_token` (6N + attention) x tokens/s, as a fraction of this machine's fp32 matmul rate. Target >= 0.9.
    The machine's rate is the best of the fp32 matmuls the model runs (torch.mm, and oneDNN's, which the model's
-   projections take where it wins: models/cpu_linear.py) on squares of 1024 and 2048. This 2-core host is shared and its
+   projections take where it wins: models/kernels/cpu/linear.py) on squares of 1024 and 2048. This 2-core host is shared and its
    speed drifts by up to 30% within seconds, so both sides are measured alike: each round times one model step
    between two windows of back-to-back matmuls that together last about as long as the step, and the round's
    fraction is the step's rate over the windows' mean rate. The median over rounds is the figure. Reported beside
@@ -15,7 +15,7 @@
    every Llama 3 size) and, eager, 8 heads of 64: narrower heads make attention's matmuls less efficient.
    The process is set up as `python -m train` sets it up (`Device.prepare_process`: glibc keeps freed memory,
    blocks of 2 MB and more go on huge pages (`huge_pages` in the figures says whether they did); then
-   `models.kernels.prepare_kernels` builds or loads the fused CPU kernels).
+   the CPU kernel backend's `prepare` builds or loads the fused C++ kernels).
 2. Trainer overhead: the median step time of the full `train` loop (data sampling, accumulation, clipping, LR
    schedule, metrics) against a bare PyTorch loop over the same model, AdamW and batch, measured in the same run,
    alternating the two, five rounds of 10 steps each (with three rounds, single runs spread from -1.4% to +5.5%, as
@@ -32,9 +32,9 @@ import torch
 
 from launch.device import resolve_device
 from models.counts import flops_per_token
-from models.cpu_linear import LINEAR_OP, matmul_kernels
-from models.cpu_native import matmul_ops
-from models.kernels import prepare_kernels
+from models.kernels import kernels_for
+from models.kernels.cpu.linear import LINEAR_OP, matmul_kernels
+from models.kernels.cpu.native import matmul_ops
 from models.transformer import build_model
 from parallel.materialize import materialize
 
@@ -151,9 +151,9 @@ def model_flop_rate(head_dim: int, compile_blocks: bool = False, rounds: int = 7
     """One model step per round, between two matmul windows; see the module docstring."""
     device = resolve_device("cpu")
     device.prepare_process()
-    prepare_kernels(device.kind)
+    kernels_for(device.kind).prepare()
     cfg = _config(head_dim)
-    model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=0)
+    model = materialize(build_model(cfg.model, kernels=kernels_for("cpu")), cfg.model, torch.device("cpu"), seed=0)
     if compile_blocks:
         from parallel.apply import compile_blocks as compile_in_place
 
@@ -214,7 +214,8 @@ def _bare_loop_step_times(cfg: Any, steps: int) -> list[float]:
     from train.data import build_datasets
     from train.optim import build_optimizer
 
-    model = materialize(build_model(cfg.model), cfg.model, torch.device("cpu"), seed=cfg.train.seed)
+    model = materialize(build_model(cfg.model, kernels=kernels_for("cpu")), cfg.model, torch.device("cpu"),
+                        seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim)
     data = build_datasets(cfg.data, cfg.train.seq_len)
     inputs, targets = data.train.batch(range(BATCH))

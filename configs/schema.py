@@ -263,16 +263,36 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
 
 
 @dataclass
+class FusedKernels:
+    """Per kernel: the device backend's own version (true) or the reference op (false). Names as models/kernels."""
+
+    linear: bool = True
+    rms_norm: bool = True
+    swiglu: bool = True
+    rope: bool = True
+    attention: bool = True
+    grouped_mm: bool = True
+
+    def enabled(self) -> list[str]:
+        return [item.name for item in fields(self) if getattr(self, item.name)]
+
+
+@dataclass
 class DeviceConfig:
     # auto | cpu | cuda | npu; auto prefers npu, then cuda, then cpu. The names are launch/device.py's, the one
     # module that names accelerators; the trainer's config checks the value against them as it loads.
     type: str = "auto"
+    # auto: the device's kernel backend (models/kernels/); reference: plain PyTorch ops everywhere.
+    kernels: str = "auto"
+    fused: FusedKernels = field(default_factory=FusedKernels)
     # Dense BF16 TFLOP/s of one device (one die on Ascend 910C), for MFU; null = launch/device.py's table (or, on
     # CPU, a matmul measured at start-up). Needed for a device the table does not know.
     peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:
         require_finite("device", self)
+        if self.kernels not in ("auto", "reference"):
+            raise ConfigError(f"device.kernels={self.kernels!r} must be auto (the device's backend) or reference")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"device.peak_tflops={self.peak_tflops} must be > 0 (or null for the built-in table)")
 

@@ -104,7 +104,7 @@ MatmulKernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def measure_matmul_flops(kernels: Iterable[MatmulKernel] = (torch.mm,), dtype: torch.dtype = torch.float32,
                          size: int = 1024, repeats: int = 10) -> float:
     """Best observed rate of a square matmul on this CPU with the current thread count (FLOP/s), over `kernels`
-    (each (a, b) -> a product with the FLOPs of a @ b; the model's own: models.kernels.matmul_kernels)."""
+    (each (a, b) -> a product with the FLOPs of a @ b; the model's own: the kernel backend's matmul_kernels)."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     best = float("inf")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from configs.errors import ConfigError
+from launch.device import CPU, CUDA, NPU
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def choose_recipe(name: str, device: str, nproc_per_node: int) -> Optional[Recip
     if name == "none":
         return None
     if name == "auto":
-        if device not in ("npu", "auto"):
+        if device not in (NPU, "auto"):
             return None
         return RECIPES["cloudmatrix384"] if nproc_per_node == 16 else RECIPES["atlas_a2"]
     if name not in RECIPES:
@@ -85,9 +86,9 @@ def socket_settings(ifname: Optional[str], device: str) -> list[Setting]:
     """The interface every socket of the job uses: the collective library's and gloo's (the CPU-side groups)."""
     if not ifname:
         return []
-    variables = {"npu": ("HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"), "cuda": ("NCCL_SOCKET_IFNAME",
+    variables = {NPU: ("HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"), CUDA: ("NCCL_SOCKET_IFNAME",
                  "GLOO_SOCKET_IFNAME")}.get(device, ("HCCL_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"))
-    if device == "cpu":
+    if device == CPU:
         variables = ("GLOO_SOCKET_IFNAME",)
     return [Setting(name, ifname, "launch.socket_ifname: the network interface to bind", "launch.socket_ifname")
             for name in variables]

@@ -13,10 +13,11 @@ from torch import nn
 
 from configs.schema import AttentionKind, ModelConfig
 from models.mla import MultiHeadLatentAttention
-from models.ops import Linear, RMSNorm, causal_attention, project, rope_tables
+from models.layers import Linear, RMSNorm, UsesKernels
+from models.ops import rope_tables
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(UsesKernels, nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -34,10 +35,10 @@ class GroupedQueryAttention(nn.Module):
         """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
         batch, seq, _ = x.shape
         rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
-        q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in project(x, (self.wq, self.wk, self.wv)))
+        q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in self.kernels.project(x, (self.wq, self.wk, self.wv)))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.wo(causal_attention(q, k, v, rope).reshape(batch, seq, -1))
+        return self.wo(self.kernels.causal_attention(q, k, v, rope).reshape(batch, seq, -1))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

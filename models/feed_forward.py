@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from configs.schema import Activation
-from models.ops import Linear, swiglu
+from models.layers import Linear, UsesKernels
 
 
-class FeedForward(nn.Module):
+class FeedForward(UsesKernels, nn.Module):
     """SwiGLU (w2(silu(w1 x) * w3 x)) or GELU (w2(gelu(w1 x))) MLP."""
 
     def __init__(self, d_model: int, hidden: int, activation: Activation) -> None:
@@ -23,4 +23,4 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is None:
             return self.w2(nn.functional.gelu(self.w1(x), approximate="tanh"))
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        return self.w2(self.kernels.swiglu(self.w1(x), self.w3(x)))

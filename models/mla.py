@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from configs.schema import ModelConfig
-from models.ops import Linear, RMSNorm, apply_rope, causal_attention, rope_tables
+from models.layers import Linear, RMSNorm, UsesKernels
+from models.ops import rope_tables
 from models.rope import softmax_scale_gain
 
 
@@ -36,7 +37,7 @@ def _normalize(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm(x.to(norm.weight.dtype))
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(UsesKernels, nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.nope_dim = cfg.qk_nope_head_dim
@@ -72,15 +73,15 @@ class MultiHeadLatentAttention(nn.Module):
         rope = rope_tables(seq, self.rope_dim, self.rope_theta, x.device, self.rope_scaling)
         q = self._query(x).view(batch, seq, -1, self.nope_dim + self.rope_dim)
         q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_rot, *rope)], dim=-1)
+        q = torch.cat([q_nope, self.kernels.apply_rope(q_rot, *rope)], dim=-1)
         if self.score_gain != 1.0:
             q = q * self.score_gain  # the attention kernels scale by 1/sqrt(qk_head_dim) only
 
         kv = self.wkv_b(_normalize(self.kv_norm, self.wkv_a(x))).view(batch, seq, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         # One rotary key for all heads: rotate once, then broadcast to this rank's heads.
-        k_rot = apply_rope(self.wk_rope(x).unsqueeze(2), *rope).expand(-1, -1, kv.shape[2], -1)
+        k_rot = self.kernels.apply_rope(self.wk_rope(x).unsqueeze(2), *rope).expand(-1, -1, kv.shape[2], -1)
         k = torch.cat([k_nope, k_rot], dim=-1)
 
         # SDPA takes a value width different from the query/key width, and scales scores by 1/sqrt(qk_head_dim).
-        return self.wo(causal_attention(q, k, v).reshape(batch, seq, -1))
+        return self.wo(self.kernels.causal_attention(q, k, v).reshape(batch, seq, -1))

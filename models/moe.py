@@ -28,7 +28,7 @@ from torch import nn
 
 from configs.schema import Activation, ModelConfig, ScoreFn
 from models.feed_forward import FeedForward
-from models.ops import Linear, grouped_mm, swiglu
+from models.layers import Linear, UsesKernels
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(UsesKernels, nn.Module):
     """Routed experts with stacked weights: w1, w3 (experts, d_model, hidden) and w2 (experts, hidden, d_model).
 
     forward(x, counts): x holds counts[0] rows for expert 0, then counts[1] rows for expert 1, and so on; the number
@@ -57,10 +57,11 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w1.dtype
         x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
         if self.w3 is None:
-            hidden = F.gelu(grouped_mm(x, w1, counts), approximate="tanh")
+            hidden = F.gelu(self.kernels.grouped_mm(x, w1, counts), approximate="tanh")
         else:
-            hidden = swiglu(grouped_mm(x, w1, counts), grouped_mm(x, _local(self.w3).to(dtype), counts))
-        return grouped_mm(hidden, w2, counts)
+            mm = self.kernels.grouped_mm
+            hidden = self.kernels.swiglu(mm(x, w1, counts), mm(x, _local(self.w3).to(dtype), counts))
+        return self.kernels.grouped_mm(hidden, w2, counts)
 
 
 class TopKRouter(nn.Module):

@@ -19,7 +19,8 @@ from models.attention import build_attention
 from models.counter_rng import fill_normal_, stream_key
 from models.feed_forward import FeedForward
 from models.moe import MoE
-from models.ops import Linear, RMSNorm
+from models.kernels import ReferenceKernels
+from models.layers import Linear, RMSNorm, UsesKernels, use_kernels
 
 
 class TransformerBlock(nn.Module):
@@ -38,7 +39,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(UsesKernels, nn.Module):
     """`aux_loss_scale`: what the training loop multiplies one forward's loss by before backward (1 / micro-batches
     when it averages them first; 1 when gradients are divided afterwards); MoE blocks scale the gradient of their
     auxiliary balance loss by it, so that loss enters training as if it were added to the main loss."""
@@ -64,10 +65,15 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "meta", aux_loss_scale: float = 1.0) -> Transformer:
-    """Build the model on `device`; on meta (the default) no memory is allocated until it is materialized."""
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta", aux_loss_scale: float = 1.0,
+                kernels: Optional[ReferenceKernels] = None) -> Transformer:
+    """Build the model on `device`; on meta (the default) no memory is allocated until it is materialized. `kernels`:
+    the backend its layers run (models/kernels/: `kernels_for(device kind)`); the reference ops when not given."""
     with torch.device(device):
-        return Transformer(cfg, aux_loss_scale)
+        model = Transformer(cfg, aux_loss_scale)
+    if kernels is not None:
+        use_kernels(model, kernels)
+    return model
 
 
 # ---- initial values ------------------------------------------------------------------------------------------

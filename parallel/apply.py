@@ -17,6 +17,7 @@ from torch import nn
 
 from configs.schema import DPEngine, ModelConfig, ParallelConfig, Precision, TrainConfig
 from launch.device import Device
+from models.kernels import ReferenceKernels, kernels_for
 from models.transformer import build_model
 from parallel.data import apply_ddp, apply_fsdp, fsdp_mesh
 from parallel.dims import Meshes, ParallelDims
@@ -70,12 +71,16 @@ def pipeline_plan(model_cfg: ModelConfig, parallel: ParallelConfig, dims: Parall
 def build_engine(
     model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, device: Device, dims: ParallelDims,
     mesh: Optional[Meshes], local_rank: int, make_optimizer: OptimizerFactory,
+    kernels: Optional[ReferenceKernels] = None,
 ) -> Engine:
+    """The engine for this rank; the model's layers run `kernels` (the device's backend when not given)."""
+    kernels = kernels if kernels is not None else kernels_for(device.kind)
     dtype = training_dtype(train.mixed_precision, device)
     torch_device = device.torch_device(local_rank)
     micro_batches = dims.grad_accumulation(train)
     if parallel.dp_engine == DPEngine.deepspeed:
-        return _deepspeed_engine(model_cfg, parallel, train, device, dims, dtype, torch_device, make_optimizer)
+        return _deepspeed_engine(model_cfg, parallel, train, device, dims, dtype, torch_device, make_optimizer,
+                                 kernels)
     common = dict(
         make_optimizer=make_optimizer,
         device=device,
@@ -88,7 +93,8 @@ def build_engine(
         plan = pipeline_plan(model_cfg, parallel, dims)
         stages = {}
         for stage in plan.stages_of_rank(mesh["pp"].get_local_rank()):
-            module = parallelize(build_stage(model_cfg, plan, stage), model_cfg, parallel, dims, mesh, dtype)
+            module = parallelize(build_stage(model_cfg, plan, stage, kernels), model_cfg, parallel, dims, mesh,
+                                 dtype)
             stages[stage] = materialize(module, model_cfg, torch_device, train.seed)
         pp_group = mesh["pp"].get_group()
         schedule = build_schedule(plan, stages, torch_device, pp_group, micro_batches, token_cross_entropy)
@@ -98,7 +104,7 @@ def build_engine(
             data_group=mesh["dp"].get_group() if dims.dp > 1 else None, **common,
         )
     # The native engine divides each micro-batch's loss by their count before backward (parallel/engine.py).
-    model = build_model(model_cfg, device="meta", aux_loss_scale=1.0 / micro_batches)
+    model = build_model(model_cfg, device="meta", aux_loss_scale=1.0 / micro_batches, kernels=kernels)
     model = parallelize(model, model_cfg, parallel, dims, mesh, dtype)
     model = materialize(model, model_cfg, torch_device, train.seed)
     if mesh is not None and parallel.dp_engine == DPEngine.ddp and dims.dp > 1:
@@ -109,12 +115,12 @@ def build_engine(
 
 def _deepspeed_engine(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, device: Device,
                       dims: ParallelDims, dtype: Optional[torch.dtype], torch_device: torch.device,
-                      make_optimizer: OptimizerFactory) -> Engine:
+                      make_optimizer: OptimizerFactory, kernels: ReferenceKernels) -> Engine:
     from parallel.deepspeed import DeepSpeedEngine, deepspeed_config
 
     micro_batches = dims.grad_accumulation(train)
     # DeepSpeed divides each micro-batch's loss by the accumulation steps before backward.
-    model = build_model(model_cfg, device="meta", aux_loss_scale=1.0 / micro_batches)
+    model = build_model(model_cfg, device="meta", aux_loss_scale=1.0 / micro_batches, kernels=kernels)
     model = materialize(model, model_cfg, torch_device, train.seed)
     ds_config = deepspeed_config(train.global_batch, train.micro_batch, micro_batches, train.grad_clip,
                                  parallel.zero_stage, bf16=dtype == torch.bfloat16)

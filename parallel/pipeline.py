@@ -10,13 +10,14 @@ the placement and what each schedule needs are parallel/rules.py's, which the pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from configs.schema import ModelConfig
+from models.kernels import ReferenceKernels
 from models.transformer import build_model
 from parallel.rules import SINGLE_STAGE, rank_stages, stage_layers
 
@@ -56,12 +57,13 @@ def plan_pipeline(cfg: ModelConfig, pp: int, vpp: int, schedule: str, counts: li
     return PipelinePlan(schedule, pp, vpp, layers)
 
 
-def build_stage(cfg: ModelConfig, plan: PipelinePlan, stage: int) -> nn.Module:
+def build_stage(cfg: ModelConfig, plan: PipelinePlan, stage: int, kernels: Optional[ReferenceKernels] = None
+                ) -> nn.Module:
     """The meta-device model of one stage: its layers, plus the embedding (first) or norm and head (last).
 
     Its MoE auxiliary-loss gradient is unscaled (aux_loss_scale 1): torch's schedules feed each micro-batch's loss to
     backward as it is and divide the gradients by the micro-batch count afterwards."""
-    model = build_model(cfg, device="meta")
+    model = build_model(cfg, device="meta", kernels=kernels)
     keep = {str(i) for i in plan.layers[stage]}
     for name in [n for n in model.layers if n not in keep]:
         del model.layers[name]

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from models.cpu_linear import LINEAR_OP
+from models.kernels import ReferenceKernels
 
 # Ops whose outputs selective recompute keeps: the expensive ones, so backward repeats only memory-bound work. By
 # (namespace, op): ops a device's backend adds exist only once it is loaded (torch_npu registers torch.ops.npu.*),
@@ -34,9 +34,10 @@ _SAVED = (
 )
 
 
-def saved_ops() -> set:
-    """The op overloads whose outputs selective recompute keeps, of those this process has."""
-    found = {LINEAR_OP}  # fp32 projections on CPU through oneDNN (models/cpu_linear.py)
+def saved_ops(kernels: ReferenceKernels) -> set:
+    """The op overloads whose outputs selective recompute keeps, of those this process has, and those the model's
+    kernel backend names (its own matmul ops, such as the CPU's oneDNN projections)."""
+    found = set(kernels.saved_ops())
     for namespace, name in _SAVED:
         packet = getattr(getattr(torch.ops, namespace), name, None)
         if packet is not None:
@@ -56,7 +57,7 @@ def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
         if mode == "full":
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
-            policy = partial(_keep, saved_ops())
+            policy = partial(_keep, saved_ops(model.kernels))
             wrapped = checkpoint_wrapper(
                 block, preserve_rng_state=False, context_fn=partial(create_selective_checkpoint_contexts, policy)
             )

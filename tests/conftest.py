@@ -31,10 +31,10 @@ FAST = quick_run.FAST  # a short, deterministic CPU run (bench/quick_run.py), sh
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e, tests/accel -> accel,
-    tests/hf -> hf (pyproject.toml)."""
+    tests/hf -> hf, tests/kernels -> kernels (pyproject.toml)."""
     for item in items:
         folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
-        if folder in ("unit", "dist", "e2e", "accel", "hf"):
+        if folder in ("unit", "dist", "e2e", "accel", "hf", "kernels"):
             item.add_marker(getattr(pytest.mark, folder))
 
 
@@ -44,7 +44,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     prefixes = ("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "TORCH_DEVICE_BACKEND_AUTOLOAD")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
-    # C++ extensions already built (models/cpu_native.py, DeepSpeed's) stay found when a test points HOME elsewhere.
+    # C++ extensions already built (models/kernels/cpu/native.py, DeepSpeed's) stay found when a test points HOME elsewhere.
     env.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
     env.update(extra)
     return env

@@ -98,7 +98,7 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
     the process set-up: allocator switches, and the model's kernels built or loaded."""
     from configs.schema import DPEngine, NonFinite
     from launch.device import resolve_device
-    from models.kernels import prepare_kernels
+    from models.kernels import kernels_for
     from parallel.deepspeed import require_deepspeed
     from parallel.dims import ParallelDims
 
@@ -113,7 +113,7 @@ def prepare(cfg: Config, info: RankInfo) -> tuple[Device, ParallelDims]:
         raise ConfigError(f"parallel.compile=true is not supported on {device.kind}: torch_npu's graph backends have "
                           f"not run under supertrain; set parallel.compile=false")
     device.prepare_process()
-    prepare_kernels(device.kind)
+    kernels_for(device.kind, cfg.device.kernels, cfg.device.fused.enabled()).prepare()
     return device, dims
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from configs.errors import ConfigError
 from launch.device import Device
 from models.counts import flops_per_token, num_params
-from models.kernels import describe_kernels, matmul_kernels
+from models.kernels import kernels_for
 from parallel.apply import build_engine, training_dtype
 from parallel.dims import Meshes, ParallelDims
 from parallel.engine import Batch, StepOutput
@@ -78,8 +78,9 @@ class Trainer:
         self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
 
         torch.manual_seed(cfg.train.seed)
+        self.kernels = kernels_for(device.kind, cfg.device.kernels, cfg.device.fused.enabled())
         self.engine = build_engine(cfg.model, cfg.parallel, cfg.train, device, dims, mesh, local_rank,
-                                   lambda module: build_optimizer(module, cfg.optim))
+                                   lambda module: build_optimizer(module, cfg.optim), self.kernels)
         self.lr_schedule = WarmupDecay(cfg.optim, cfg.train.steps)
         self.step = 0
         self.notice = notice
@@ -94,7 +95,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         dtype = training_dtype(cfg.train.mixed_precision, device) or torch.float32
         # Before wandb starts: on CPU the peak is measured, and wandb's service process would compete for the cores.
-        self.peak = device.peak_flops(dtype, matmul_kernels(dtype), cfg.device.peak_tflops)
+        self.peak = device.peak_flops(dtype, self.kernels.matmul_kernels(dtype), cfg.device.peak_tflops)
         self.logger = build_logger(cfg.logging, rank, run_dir, to_plain_dict(cfg))
         self.throughput = Throughput(self.flops_per_token, self.peak.flops, dims.world_size, device.synchronize)
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -104,7 +105,7 @@ class Trainer:
             "sequences; layout %s; %s, compute %s; MFU peak %s per device (%s)",
             cfg.model.name, num_params(cfg.model) / 1e6, num_params(cfg.model, active_only=True) / 1e6,
             self.flops_per_token, self.data.description, len(self.data.train), len(self.data.val), dims,
-            f"{device}, {describe_kernels(device.kind)}", dtype,
+            f"{device}, {self.kernels.describe()}", dtype,
             f"{self.peak.flops:.3g} FLOP/s" if self.peak.flops else "unknown, MFU not reported", self.peak.source,
         )
 

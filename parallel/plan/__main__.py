@@ -29,8 +29,10 @@ def _error(message: str) -> int:
 
 def launch_command(model: str, parallel: str, cluster: Any, world: int) -> str:
     """The `python -m launch` command that runs a written plan on the cluster it was planned for."""
+    from launch.device import CPU, CUDA, NPU
+
     per_node = min(world, cluster.devices_per_node)
-    device = "cpu" if cluster.host else "npu" if "ascend" in cluster.device.name.lower() else "cuda"
+    device = CPU if cluster.host else NPU if "ascend" in cluster.device.name.lower() else CUDA
     nodes = -(-world // per_node)
     master = "" if nodes == 1 else " launch.master_addr=<node 0's address> launch.node_rank=<this node>"
     return (f"python -m launch model={model} parallel={parallel} device={device} launch.nodes={nodes} "

@@ -157,6 +157,7 @@ def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
     activations are one micro-batch's on this stage."""
     import torch.distributed as dist
 
+    from models.kernels import kernels_for
     from models.transformer import build_model
     from parallel.apply import parallelize, pipeline_plan
     from parallel.data import apply_ddp
@@ -176,10 +177,10 @@ def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
         stages = plan.stages_of_rank(meshes["pp"].get_local_rank())
         assert len(stages) == 1, "measure one chunk per pipeline rank"
         first, last = stages[0] == 0, stages[0] == plan.n_stages - 1
-        built = build_stage(model_cfg, plan, stages[0])
+        built = build_stage(model_cfg, plan, stages[0], kernels_for("cpu"))
     else:
         first = last = True
-        built = build_model(model_cfg, device="meta")
+        built = build_model(model_cfg, device="meta", kernels=kernels_for("cpu"))
     module = materialize(parallelize(built, model_cfg, parallel, dims, meshes, None), model_cfg, device, 0)
     runner = module
     if parallel.dp_engine == DPEngine.ddp and dims.dp > 1:

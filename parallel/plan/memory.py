@@ -19,9 +19,12 @@ largest rank decides.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
 
 from configs.schema import Activation, AttentionKind, ModelConfig
-from models.cpu_attention import covers_sequence, saved_probabilities_per_query
+from models.kernels import AttentionMemory, kernels_for
 from parallel.layout import Layout
 from parallel.plan.params import StageTensors, chunk_rows
 from parallel.plan.software import SUPERTRAIN, Software, state_bytes
@@ -161,7 +164,7 @@ class TokenShape:
 
 
 def _native_cpu(shape: TokenShape, software: Software) -> bool:
-    """Whether plain fp32 tensors go to the fused C++ kernels of models/cpu_native.py, which keep less."""
+    """Whether plain fp32 tensors go to the CPU backend's fused C++ kernels, which keep less."""
     return software.native_cpu_kernels and shape.act_bytes == 4
 
 
@@ -175,10 +178,18 @@ def _norm_elements(d: int, shape: TokenShape, software: Software) -> tuple[float
     return (2 if _native_cpu(shape, software) else 3) * d, 1
 
 
+def _backend_attention(shape: TokenShape, software: Software) -> Optional[AttentionMemory]:
+    """What the kernel backend's own attention keeps at this shape, as the backend answers; None: SDPA runs."""
+    if not software.kernels:
+        return None
+    dtype = torch.float32 if shape.act_bytes == 4 else torch.bfloat16
+    return kernels_for(software.kernels).attention_memory(shape.seq_len, dtype)
+
+
 def _attention_kernel(cfg: ModelConfig, shape: TokenShape, software: Software) -> tuple[bool, bool]:
-    """(fused, blocked): whether attention runs a flash kernel, and whether it runs models/cpu_attention.py.
-    Neither means SDPA's math path, which keeps the seq x seq scores."""
-    blocked = software.blocked_cpu_attention and shape.act_bytes == 4 and covers_sequence(shape.seq_len)
+    """(fused, blocked): whether attention runs a flash kernel, and whether it runs the backend's own kernel that
+    keeps its probabilities (the CPU's block-causal one). Neither means SDPA's math path (seq x seq scores)."""
+    blocked = _backend_attention(shape, software) is not None
     return software.fused_attention(cfg.qk_head_dim, cfg.value_head_dim) and not blocked, blocked
 
 
@@ -196,7 +207,8 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
         fp32 += (1 if cfg.q_lora_rank else 0) + 1
         if blocked:
             # Contiguous per-head copies of q (scaled), k and v, the output and the block-causal probabilities.
-            act += h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim + saved_probabilities_per_query(shape.seq_len)) / t
+            kept = _backend_attention(shape, software)
+            act += h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim + (kept.probabilities if kept else 0)) / t
         elif fused:
             # q and k (rotary part concatenated), v as a view of the whole kv up-projection, the output.
             act += h * (2 * cfg.qk_head_dim + cfg.qk_nope_head_dim + 2 * cfg.v_head_dim) / t
@@ -213,7 +225,8 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
         # q, k and v expanded to every query head (GQA repeats kv before SDPA), and the attention output.
         act += 4 * h * cfg.head_dim / t
     if blocked:
-        act += h * saved_probabilities_per_query(shape.seq_len) / t  # instead of a log-sum-exp
+        kept = _backend_attention(shape, software)
+        act += h * (kept.probabilities if kept else 0) / t  # instead of a log-sum-exp
     else:
         fp32 += h / t  # log-sum-exp per head
     if not software.flash_attention:

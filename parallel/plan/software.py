@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.cpu_native import NATIVE_EXPECTED
+from models.kernels import kernels_for
 from parallel.layout import Layout
 
 
@@ -43,10 +43,10 @@ class Software:
     # The fused attention kernel also takes q/k and v of different head widths (MLA's 192/128). PyTorch's CPU
     # flash kernel does not: SDPA falls back to the math path, which keeps the seq x seq probabilities.
     fused_unequal_head_dims: bool = True
-    # fp32 attention over 512-1024 positions runs models/cpu_attention.py, which keeps its block-causal
-    # probabilities (about seq/2 per query and head) instead of a log-sum-exp.
-    blocked_cpu_attention: bool = False
-    # fp32 RMSNorm, SwiGLU and blocked attention run the fused C++ kernels of models/cpu_native.py: a norm keeps its
+    # The kernel backend (models/kernels/) whose attention the planner asks what it keeps (the CPU's block-causal
+    # kernel keeps its probabilities, about seq/2 per query and head, instead of a log-sum-exp); "" = SDPA's.
+    kernels: str = ""
+    # fp32 RMSNorm, SwiGLU and blocked attention run the CPU backend's fused C++ kernels: a norm keeps its
     # input and 1/rms (not x/rms too), SwiGLU its two inputs (not silu's output too), and selective recompute
     # recomputes the whole attention call (the Python kernel's P @ V outputs were kept as matmul outputs).
     native_cpu_kernels: bool = False
@@ -61,10 +61,10 @@ class Software:
 SUPERTRAIN = Software("supertrain")
 # supertrain on CPU ranks (the `local` cluster): gloo runs its collectives on the same cores that compute, so
 # nothing overlaps; PyTorch's CPU flash kernel needs equal q/k and v head widths; fp32 attention of 512-1024
-# positions runs our blocked kernel; where this machine builds models/cpu_native.py, its fused kernels run.
+# positions runs our blocked kernel; where this machine builds the C++ kernels, its fused kernels run.
 SUPERTRAIN_CPU = Software("supertrain-cpu", overlap_grad_reduce=False, overlap_param_gather=False,
-                          fused_unequal_head_dims=False, blocked_cpu_attention=True,
-                          native_cpu_kernels=NATIVE_EXPECTED)
+                          fused_unequal_head_dims=False, kernels="cpu",
+                          native_cpu_kernels=kernels_for("cpu").native)
 MEGATRON_2021 = Software(
     "megatron-lm 2021", flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=False, grad_reduce_bytes=2, megatron_states=True, scatter_gather_p2p=True,

@@ -175,12 +175,12 @@ def measure_host_flops() -> float:
     import torch
 
     from launch.device import measure_matmul_flops
-    from models.kernels import matmul_kernels
+    from models.kernels import kernels_for
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return measure_matmul_flops(matmul_kernels(torch.float32), torch.float32, 512, 5)
+        return measure_matmul_flops(kernels_for("cpu").matmul_kernels(torch.float32), torch.float32, 512, 5)
     finally:
         torch.set_num_threads(threads)
 

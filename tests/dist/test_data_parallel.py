@@ -142,7 +142,7 @@ def _refusals(base: Path, native: Path, deepspeed: Path) -> list[str]:
     ]
 
 
-# Big enough that every projection takes the oneDNN route on CPU (models/cpu_linear.py): with a sequence of 128 and
+# Big enough that every projection takes the oneDNN route on CPU (models/kernels/cpu/linear.py): with a sequence of 128 and
 # 2 sequences per forward, 256 tokens x 256 x 256 is 2^24 multiply-adds, the threshold. FSDP hands the op unsharded
 # parameters and ZeRO-3 swaps parameter storage around it, the two engines where that could go wrong. The route is
 # forced, in this process and (through the environment) in the ranks, since `auto` keeps F.linear on some CPUs.
@@ -152,7 +152,7 @@ ONEDNN_SIZED = ["model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4", "m
 
 @needs_deepspeed
 def test_onednn_projections_match_single_process_under_fsdp_and_zero3(base, monkeypatch):
-    from models import cpu_linear
+    from models.kernels.cpu import linear as cpu_linear
 
     assert 2 * 128 * 256 * 256 >= cpu_linear.MIN_FORWARD_MACS
     monkeypatch.setattr(cpu_linear, "ONEDNN_PREFERRED", True)

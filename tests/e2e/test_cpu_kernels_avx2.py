@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from models import cpu_native
+from models.kernels.cpu import native as cpu_native
 from conftest import REPO, clean_env
 
 # Tens of seconds to minutes: real ranks (or a build) per layout.
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(not cpu_native.NATIVE_EXPECTED, reason="no C++ kernels are built on this CPU")
 def test_avx2_build_matches_aten():
     env = clean_env(ATEN_CPU_CAPABILITY="avx2")
-    probe = subprocess.run([sys.executable, "-c", "from models import cpu_native; cpu_native.load(); "
+    probe = subprocess.run([sys.executable, "-c", "from models.kernels.cpu import native as cpu_native; cpu_native.load(); "
                             "print(cpu_native.description())"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr

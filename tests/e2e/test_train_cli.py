@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import FAST, REPO, clean_env, losses_by_step, read_metrics, run_train
-from models import cpu_native
+from models.kernels.cpu import native as cpu_native
 from train.checkpoint import COMMIT_MARKER, committed_checkpoints
 
 SECRET = "sentinel" + "0123456789abcdef" * 2

@@ -4,9 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import cpu_attention, cpu_native
-from models.cpu_attention import blocked_attention_applies, blocked_causal_attention
-from models.ops import apply_rope, causal_attention, rope_real, rope_tables
+from models.kernels import kernels_for
+from models.kernels.cpu import attention as cpu_attention
+from models.kernels.cpu import native as cpu_native
+from models.kernels.cpu.attention import blocked_attention_applies, blocked_causal_attention
+from models.ops import apply_rope, rope_real, rope_tables
+
+causal_attention = kernels_for("cpu").causal_attention  # what the model runs on CPU
 
 
 def sdpa_reference(q, k, v):
@@ -80,7 +84,7 @@ def test_causal_attention_routes_grouped_query_heads_through_the_kernel(monkeypa
         calls.append(operands)
         return kernel(*operands)
 
-    monkeypatch.setattr("models.cpu_native.causal_attention" if native else "models.ops.blocked_causal_attention",
+    monkeypatch.setattr("models.kernels.cpu.native.causal_attention" if native else "models.kernels.cpu.blocked_causal_attention",
                         recording_kernel)
     q = torch.randn(1, 512, 4, 16)
     k, v = torch.randn(1, 512, 2, 16), torch.randn(1, 512, 2, 16)

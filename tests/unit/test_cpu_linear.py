@@ -5,9 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import cpu_linear, cpu_native
-from models.cpu_linear import LINEAR_OP, MIN_FORWARD_MACS, matmul_kernels, onednn_linear, onednn_linear_applies
-from models.ops import Linear, linear
+from models import layers
+from models.kernels import kernels_for
+from models.kernels.cpu import linear as cpu_linear
+from models.kernels.cpu import native as cpu_native
+from models.kernels.cpu.linear import LINEAR_OP, MIN_FORWARD_MACS, matmul_kernels, onednn_linear, onednn_linear_applies
+
+CPU = kernels_for("cpu")  # what the model runs on CPU
+linear = CPU.linear
+
+
+class Linear(layers.Linear):
+    kernels = CPU
 
 pytestmark = pytest.mark.skipif(cpu_linear.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
 
@@ -108,11 +117,10 @@ def test_unknown_route_names_the_variable_and_the_choices():
 
 def test_bad_route_stops_the_kernel_set_up(monkeypatch):
     from configs.errors import ConfigError
-    from models.kernels import prepare_kernels
 
     monkeypatch.setattr(cpu_linear, "LINEAR_ROUTE_ERROR", "SUPERTRAIN_CPU_LINEAR='mkl' is not a route")
     with pytest.raises(ConfigError, match="SUPERTRAIN_CPU_LINEAR='mkl'"):
-        prepare_kernels("cpu")
+        kernels_for("cpu").prepare()
 
 
 def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch, any_size):
@@ -122,7 +130,7 @@ def test_module_routes_through_the_op_and_keeps_nn_linear_names(monkeypatch, any
         calls.append(x.shape)
         return F.linear(x, weight)
 
-    monkeypatch.setattr("models.ops.onednn_linear", recording)
+    monkeypatch.setattr("models.kernels.cpu.onednn_linear", recording)
     layer = Linear(8, 3, bias=False)
     assert isinstance(layer, torch.nn.Linear) and [n for n, _ in layer.named_parameters()] == ["weight"]
     layer(torch.randn(2, 8))
@@ -137,7 +145,7 @@ def test_selective_recompute_keeps_its_output():
 
     from parallel.recompute import _keep, saved_ops
 
-    assert _keep(saved_ops(), None, LINEAR_OP) == CheckpointPolicy.MUST_SAVE
+    assert _keep(saved_ops(CPU), None, LINEAR_OP) == CheckpointPolicy.MUST_SAVE
 
 
 def test_compiled_graph_keeps_the_op_and_its_gradients(any_size):
@@ -217,8 +225,8 @@ def test_project_groups_only_on_the_onednn_route(monkeypatch, preferred):
     layers = [Linear(48, 48, bias=False) for _ in range(3)]
     calls = []
     monkeypatch.setattr(cpu_linear, "onednn_linear_group", lambda x, ws: calls.append(len(ws)) or [x] * len(ws))
-    monkeypatch.setattr("models.ops.onednn_linear_group", cpu_linear.onednn_linear_group)
-    from models.ops import project
+    monkeypatch.setattr("models.kernels.cpu.onednn_linear_group", cpu_linear.onednn_linear_group)
+    project = CPU.project
 
     project(torch.randn(4, 48), layers)  # too small a product for oneDNN: each layer on its own
     assert calls == []

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from configs.errors import ConfigError
-from models.kernels import prepare_kernels
-from models import cpu_native
-from models.cpu_attention import QUERY_BLOCK
-from models.ops import causal_attention, rms_norm, swiglu
+from models.kernels import kernels_for
+from models.kernels.cpu import native as cpu_native
+from models.kernels.cpu.attention import QUERY_BLOCK
+
+CPU = kernels_for("cpu")  # what the model runs on CPU
+causal_attention, rms_norm, swiglu = CPU.causal_attention, CPU.rms_norm, CPU.swiglu
 from models.transformer import build_model
 from parallel.materialize import canonical_name, materialize
 from parallel.recompute import apply_recompute
@@ -74,7 +76,7 @@ def test_bad_routes_name_the_variable_and_the_fix():
 def test_kernel_set_up_refuses_a_bad_route(monkeypatch):
     monkeypatch.setattr(cpu_native, "ROUTE_ERROR", "SUPERTRAIN_CPU_KERNELS='fast' is not a route")
     with pytest.raises(ConfigError, match="SUPERTRAIN_CPU_KERNELS='fast'"):
-        prepare_kernels("cpu")
+        kernels_for("cpu").prepare()
 
 
 def test_taken_for_plain_fp32_cpu_tensors_only():
@@ -121,7 +123,7 @@ def test_a_failed_build_under_native_stops_the_run(broken_build, monkeypatch):
     monkeypatch.setenv(cpu_native.ROUTE_VARIABLE, "native")
     expected = "SUPERTRAIN_CPU_KERNELS=native, but building cpu_kernels.cpp failed: .*error"
     with pytest.raises(ConfigError, match=expected):
-        prepare_kernels("cpu")
+        kernels_for("cpu").prepare()
 
 
 # ---- values and gradients --------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def test_weight_gradient_matches_a_float64_product(out_features, in_features, ma
 
 
 def _loss_and_grads(cfg, tokens, recompute="none"):
-    model = materialize(apply_recompute(build_model(cfg.model), recompute), cfg.model, torch.device("cpu"), seed=0)
+    model = materialize(apply_recompute(build_model(cfg.model, kernels=CPU), recompute), cfg.model, torch.device("cpu"), seed=0)
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
@@ -288,6 +290,6 @@ def test_attention_gradients_come_back_side_by_side():
     q, k, v = (torch.randn(1, 512, heads, 16, requires_grad=True) for heads in (4, 2, 2))
     grads = torch.autograd.grad(cpu_native.causal_attention(q, k, v, 128).sum(), (q, k, v))
     flat = [g.flatten(2) for g in grads]
-    from models.cpu_linear import _side_by_side
+    from models.kernels.cpu.linear import _side_by_side
 
     assert _side_by_side(flat) is not None

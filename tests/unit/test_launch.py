@@ -13,6 +13,7 @@ import pytest
 from configs.errors import ConfigError
 from conftest import REPO, clean_env
 from launch.config import LaunchConfig, Scheduler
+from launch.device import CUDA
 from launch.env import LaunchError, rank_info
 from launch.nodes import expand_hostlist, parse_device_list, place_node, rank_table_servers
 from launch.recipes import RECIPES, choose_recipe, job_environment
@@ -103,7 +104,7 @@ def test_rank_table_with_interleaved_ranks_is_refused(tmp_path) -> None:
 def test_recipe_by_node_size_and_overrides() -> None:
     assert choose_recipe("auto", "npu", 16) is RECIPES["cloudmatrix384"]
     assert choose_recipe("auto", "npu", 8) is RECIPES["atlas_a2"]
-    assert choose_recipe("auto", "cuda", 8) is None
+    assert choose_recipe("auto", CUDA, 8) is None
     settings = {s.name: s for s in job_environment(RECIPES["atlas_a2"], "bond0", "npu", {"HCCL_BUFFSIZE": "400"})}
     assert settings["HCCL_BUFFSIZE"].value == "400" and settings["HCCL_BUFFSIZE"].source == "launch.env"
     assert settings["PYTORCH_NPU_ALLOC_CONF"].value == "expandable_segments:True"

@@ -63,9 +63,14 @@ def naive_moe(block: MoE, x: torch.Tensor) -> torch.Tensor:
 # ---- grouped experts -----------------------------------------------------------------------------------------
 
 
-def test_grouped_experts_equal_a_per_expert_reference_forward_and_backward() -> None:
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_grouped_experts_equal_a_per_expert_reference_forward_and_backward(backend: str) -> None:
+    """The reference loop and the CPU backend's torch._grouped_mm."""
+    from models.kernels import kernels_for
+
     torch.manual_seed(0)
     experts = GroupedExperts(4, 16, 32, Activation.swiglu)
+    experts.kernels = kernels_for("cpu", backend if backend == "reference" else "auto")
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_(0.0, 0.3)
@@ -104,12 +109,17 @@ def test_grouped_experts_run_on_a_local_slice_of_the_experts() -> None:
 
 
 def test_grouped_mm_native_and_looped_paths_agree() -> None:
+    """The CPU backend's torch._grouped_mm against the reference loop over experts."""
+    from models.kernels import kernels_for
+    from models.kernels.reference import grouped_mm_takes
+
     torch.manual_seed(0)
     x, w, counts = torch.randn(9, 16), torch.randn(3, 16, 8), torch.tensor([4, 0, 5])
-    assert ops._native_grouped_mm_supported(x, w)
-    torch.testing.assert_close(ops.grouped_mm(x, w, counts), ops._looped_grouped_mm(x, w, counts))
+    fp32 = (torch.float32,)
+    assert grouped_mm_takes(x, w, fp32)
+    torch.testing.assert_close(kernels_for("cpu").grouped_mm(x, w, counts), ops.grouped_mm(x, w, counts))
     odd = torch.randn(9, 5)  # 20-byte rows: not a multiple of 16, so the loop takes it
-    assert not ops._native_grouped_mm_supported(odd, torch.randn(3, 5, 8))
+    assert not grouped_mm_takes(odd, torch.randn(3, 5, 8), fp32)
 
 
 def test_gelu_experts_have_no_w3() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
+from models.kernels import kernels_for
 from models.transformer import build_model
 from parallel.materialize import materialize
 from parallel.engine import token_cross_entropy
@@ -57,7 +58,7 @@ def test_states_of_one_unsharded_rank_are_counted_exactly() -> None:
     est = Estimator(Workload(cfg, 64, 2, "fp32"), cluster)
     layout = Layout(micro_batch=2, dp_engine="ddp", zero_stage=0)
     predicted = est.rank_states(layout, est.rank_plans(layout)[0])[0]
-    model = materialize(build_model(cfg, "meta"), cfg, torch.device("cpu"), 0)
+    model = materialize(build_model(cfg, "meta", kernels=kernels_for("cpu")), cfg, torch.device("cpu"), 0)
     optimizer = torch.optim.AdamW(model.parameters())
     token_cross_entropy(model(torch.randint(0, cfg.vocab_size, (2, 64))), torch.zeros(2, 64, dtype=torch.long)).backward()
     optimizer.step()
@@ -73,7 +74,7 @@ def test_predicted_activations_are_within_10_percent_of_measured(name: str, reco
     cfg, cluster = setup(name)
     batch = 2
     torch.manual_seed(0)
-    model = materialize(apply_recompute(build_model(cfg, "meta"), recompute), cfg, torch.device("cpu"), 0)
+    model = materialize(apply_recompute(build_model(cfg, "meta", kernels=kernels_for("cpu")), recompute), cfg, torch.device("cpu"), 0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
     params = list(model.parameters())
     with SavedTensorMeter(params) as saved, LiveTensorMeter() as live:

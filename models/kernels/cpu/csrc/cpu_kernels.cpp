@@ -3,13 +3,13 @@
 //
 // ATen runs RMSNorm as five separate passes over the activations (pow, mean, rsqrt, two multiplies) and SwiGLU as
 // two (silu, multiply), each reading and writing whole tensors; here each is one pass per direction. Attention is
-// the block-causal scheme of models/cpu_attention.py done in one call: queries in blocks of `block` rows, each
+// the block-causal scheme of models/kernels/cpu/attention.py done in one call: queries in blocks of `block` rows, each
 // multiplied only by the keys at or before its last row, with the rotary embedding and layout changes fused into one
 // copy per operand, and each head a task of its own, so that its scores go from the product that makes them through
 // the masked softmax into the next product while still in the core's cache. Its matmuls run in this file
 // (`cache_matmul`): register tiles with no per-call set-up, faster at these small shapes than oneDNN (which the weight
-// gradient uses) or ATen's BLAS (MKL, AVX2 code on AMD CPUs). Built on first use by models/cpu_native.py; the
-// Python wrappers there and in models/cpu_linear.py own autograd. Every kernel is deterministic for a given thread
+// gradient uses) or ATen's BLAS (MKL, AVX2 code on AMD CPUs). Built on first use by models/kernels/cpu/native.py; the
+// Python wrappers there and in models/kernels/cpu/linear.py own autograd. Every kernel is deterministic for a given thread
 // count and reduces in a fixed order.
 
 #include <ATen/ATen.h>
@@ -697,7 +697,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> causal_attention(const at::Tenso
 
 // Gradients for q, k, v in their shapes (k and v summed back over the query heads that shared them), as views of one
 // (batch, seq, q width + k width + v width) tensor that holds them side by side: the gradient a q, k, v projection
-// made as one product (models/cpu_linear.py) takes whole, without concatenating three pieces. One head per task, as
+// made as one product (models/kernels/cpu/linear.py) takes whole, without concatenating three pieces. One head per task, as
 // forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& grad_out,
                                                                           at::TensorList saved,

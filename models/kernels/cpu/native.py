@@ -1,8 +1,8 @@
-"""Fused fp32 CPU kernels (models/csrc/cpu_kernels.cpp): RMSNorm, SwiGLU, block-causal attention, and the linear
-weight gradient that models/cpu_linear.py takes from here.
+"""Fused fp32 CPU kernels (models/kernels/cpu/csrc/cpu_kernels.cpp): RMSNorm, SwiGLU, block-causal attention, and the linear
+weight gradient that models/kernels/cpu/linear.py takes from here.
 
 PyTorch runs RMSNorm as five passes over memory and SwiGLU as two, forward and again backward; the C++ kernels make
-each one pass. Attention moves the block-causal scheme of models/cpu_attention.py into one call that works head by
+each one pass. Attention moves the block-causal scheme of models/kernels/cpu/attention.py into one call that works head by
 head, so that each head's scores stay in cache between its products, and multiplies with its own register-tiled
 matmul, which has no per-call set-up: at these small shapes faster than oneDNN, itself 2-2.5x faster than ATen's BLAS
 on AMD CPUs, where PyTorch's mm and bmm go to MKL at AVX2 speed (measured on the benchmark's shapes,
@@ -241,7 +241,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
     the probabilities against the keys each query block sees (as the Python kernel does), k and v per kv head (a
     query head reads its kv head in place; the Python kernel keeps them expanded), q, k and v laid out as
     backward's products read them, and the output it returns, which the output projection keeps too. The gradients
-    of q, k and v come back side by side in one tensor (see models.cpu_linear.onednn_linear_group, which takes them
+    of q, k and v come back side by side in one tensor (see models.kernels.cpu.linear.onednn_linear_group, which takes them
     so).
     """
     cos, sin = rope if rope is not None else (None, None)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from models import cpu_native
+from models.kernels.cpu import native as cpu_native
 
 
 def _onednn_linear_op() -> Optional[object]:
@@ -152,7 +152,7 @@ class _OneDnnLinear(torch.autograd.Function):
 def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """g^T x for g (tokens, out) and x (tokens, in), with the weight's layout.
 
-    Through the C++ kernels where they are built (models/cpu_native.py): oneDNN's batched-matmul entry takes the
+    Through the C++ kernels where they are built (models/kernels/cpu/native.py): oneDNN's batched-matmul entry takes the
     transposed views without copies and, oriented with the shorter feature dimension as rows, ran 15-25% faster
     than this op's matmul over the same views, and than oneDNN's inner-product weight-gradient primitive, whose
     inputs need copies into oneDNN's layout. In code that torch.compile traces too, where

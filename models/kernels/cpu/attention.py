@@ -1,6 +1,6 @@
 """Causal attention for fp32 on CPU, in query blocks that skip the masked half of the score matrix.
 
-Where the C++ kernels are built (models/cpu_native.py) the same scheme runs there, fused and on oneDNN's matmuls;
+Where the C++ kernels are built (models/kernels/cpu/native.py) the same scheme runs there, fused and on oneDNN's matmuls;
 this Python version is the fallback, and the place where the range and the memory it keeps are defined.
 
 ATen's CPU flash-attention kernel works in small tiles and its backward recomputes the probabilities; on this
