@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from configs.errors import ConfigError
+from launch.device import CPU, CUDA, NPU
 from models.kernels import KERNELS, REFERENCE, kernels_for
 from models.kernels.cpu import CpuKernels
 from models.kernels.cuda import CudaKernels
@@ -17,7 +18,7 @@ from models.transformer import build_model
 from parallel.materialize import materialize
 from train.config import load_config
 
-BACKENDS = {"cpu": CpuKernels, "cuda": CudaKernels, "npu": NpuKernels}
+BACKENDS = {CPU: CpuKernels, CUDA: CudaKernels, NPU: NpuKernels}
 MODELS = {
     # 512 positions: the CPU's block-causal attention kernel takes fp32 sequences of 512-1024.
     "gqa": (["model=tiny", "model.n_layers=2", "model.n_kv_heads=2"], 512),
