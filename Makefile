@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast test-torch2.14 bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "unit and not slow" $(ARGS)
 
+# The suite under torch 2.14 (torch-npu 2.14.0's pair) in its own venv; the CUDA wheel pip fetches runs on CPU. The
+# C++ CPU kernels build into their own cache, so the two torch versions never load each other's build.
+VENV214 := .venv-torch2.14
+test-torch2.14:
+	@test -x $(VENV214)/bin/python || $(PYTHON) -m venv $(VENV214)
+	$(VENV214)/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1
+	$(VENV214)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,deepspeed,plot,hf]'
+	TORCH_EXTENSIONS_DIR=$(HOME)/.cache/torch_extensions_torch2.14 $(VENV214)/bin/python -m pytest -q $(ARGS)
+
 bench: setup
 	$(PY) -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(VENV214) outputs .pytest_cache
