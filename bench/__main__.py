@@ -18,7 +18,7 @@ from launch.autoload import defer_device_backends
 # Before anything imports torch (the benchmarks are imported lazily): see launch/autoload.py.
 defer_device_backends()
 
-BENCHMARKS = ("trunk", "pipeline", "moe_load", "smoke", "init", "faults", "bad_inputs", "hf_import")
+BENCHMARKS = ("trunk", "pipeline", "moe_load", "versus_hf", "smoke", "init", "faults", "bad_inputs", "hf_import")
 ON_DEMAND = ("smoke", "init", "faults", "bad_inputs", "hf_import")
 RESULTS = Path(__file__).resolve().parent / "results"
 
