@@ -108,7 +108,15 @@ def _register_fake_weight_gradient() -> None:
 def _build_and_load() -> bool:
     if not NATIVE_EXPECTED:
         return False
-    from torch.utils import cpp_extension
+    # A CUDA build of torch on a host without a GPU warns at this import that no CUDA runtime is found: true and
+    # irrelevant to a CPU extension, and it would break the one-line errors of a run on such a host.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
 
     try:
         cpp_extension.load(

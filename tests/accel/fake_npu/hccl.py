@@ -103,6 +103,11 @@ class FakeHCCLGroup(dist.ProcessGroup):
         _all_groups.append(weakref.ref(self))
 
     # --- what tests read and torch_npu's backend offers -----------------------------------------------------------
+    def _get_backend(self, device: torch.device) -> "FakeHCCLGroup":
+        """torch 2.14's batched point-to-point asks the group for its backend object (for `supports_coalescing`);
+        this Python group is its own backend (the one registered for npu above only declares the device)."""
+        return self
+
     def _set_default_timeout(self, timeout: timedelta) -> None:
         self.timeout = timeout
         self.timeouts.append(timeout)
