@@ -2,8 +2,8 @@
 
 With no names it runs every benchmark but the on-demand ones (`smoke`, the end-to-end check for a lent
 accelerator; `init`, initialisation's cost per rank; `faults`, the fault-injection trials; `bad_inputs`, the
-bad-input table; `hf_import`, a Hugging Face import on 1, 2 and 4 ranks), which run only when named: `python -m bench smoke`. The exit code is 1 when a benchmark reports
-failures (`failed` > 0 in its figures)."""
+bad-input table; `hf_import`, a Hugging Face import on 1, 2 and 4 ranks), which run only when named:
+`python -m bench smoke`. The exit code is 1 when a benchmark reports failures (`failed` > 0 in its figures)."""
 
 from __future__ import annotations
 

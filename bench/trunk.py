@@ -3,9 +3,9 @@
 1. Model FLOP rate: forward + backward of a small dense model (d_model 512, 4 layers, seq 512, fp32), counted as
    `flops_per_token` (6N + attention) x tokens/s, as a fraction of this machine's fp32 matmul rate. Target >= 0.9.
    The machine's rate is the best of the fp32 matmuls the model runs (torch.mm, and oneDNN's, which the model's
-   projections take where it wins: models/kernels/cpu/linear.py) on squares of 1024 and 2048. This 2-core host is shared and its
-   speed drifts by up to 30% within seconds, so both sides are measured alike: each round times one model step
-   between two windows of back-to-back matmuls that together last about as long as the step, and the round's
+   projections take where it wins: models/kernels/cpu/linear.py) on squares of 1024 and 2048. This 2-core host is
+   shared and its speed drifts by up to 30% within seconds, so both sides are measured alike: each round times one
+   model step between two windows of back-to-back matmuls that together last about as long as the step, and the round's
    fraction is the step's rate over the windows' mean rate. The median over rounds is the figure. Reported beside
    it: the fraction of the fastest single matmul seen in those windows (a burst rate that a ~1 s step never
    sees), and, eager, `fraction_if_only_matmuls`: the step's own matmuls replayed alone, the most this figure

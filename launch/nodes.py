@@ -58,7 +58,8 @@ def _need(env: Mapping[str, str], names: tuple[str, ...], scheduler: str) -> Non
     missing = [name for name in names if not env.get(name)]
     if missing:
         raise ConfigError(f"launch.scheduler={scheduler} needs {', '.join(missing)} in the environment (set by the "
-                          f"scheduler inside its job): start the launcher inside the job, or use launch.scheduler=local")
+                          f"scheduler inside its job): start the launcher inside the job, or use "
+                          f"launch.scheduler=local")
 
 
 def _slurm(cfg: LaunchConfig, env: Mapping[str, str]) -> NodePlacement:
