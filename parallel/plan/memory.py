@@ -18,6 +18,7 @@ largest rank decides.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -183,7 +184,11 @@ def _backend_attention(shape: TokenShape, software: Software) -> Optional[Attent
     if not software.kernels:
         return None
     dtype = torch.float32 if shape.act_bytes == 4 else torch.bfloat16
-    return kernels_for(software.kernels).attention_memory(shape.seq_len, dtype)
+    return _backend(software.kernels).attention_memory(shape.seq_len, dtype)
+
+
+# One backend object per kind for the whole search (the estimator asks per layout and stage).
+_backend = functools.lru_cache(maxsize=None)(kernels_for)
 
 
 def _attention_kernel(cfg: ModelConfig, shape: TokenShape, software: Software) -> tuple[bool, bool]:

@@ -105,11 +105,9 @@ def _register_fake_weight_gradient() -> None:
         return grad_out.new_empty(grad_out.shape[-1], x.shape[-1])
 
 
-def _build_and_load() -> bool:
-    if not NATIVE_EXPECTED:
-        return False
-    # A CUDA build of torch on a host without a GPU warns at this import that no CUDA runtime is found: true and
-    # irrelevant to a CPU extension, and it would break the one-line errors of a run on such a host.
+def quiet_cpp_extension() -> Any:
+    """torch.utils.cpp_extension, imported without its warning that no CUDA runtime is found: a CUDA build of torch
+    on a host without a GPU prints it, true and irrelevant to a CPU extension, and it would break one-line errors."""
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -117,6 +115,13 @@ def _build_and_load() -> bool:
         from torch.utils import cpp_extension
     finally:
         quiet.setLevel(level)
+    return cpp_extension
+
+
+def _build_and_load() -> bool:
+    if not NATIVE_EXPECTED:
+        return False
+    cpp_extension = quiet_cpp_extension()
 
     try:
         cpp_extension.load(

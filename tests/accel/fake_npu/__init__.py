@@ -37,17 +37,9 @@ def load_extension(verbose: bool = False) -> ModuleType:
     """Build (once per machine and source version) and load the C++ extension; loading registers the device."""
     global _ext
     if _ext is None:
-        import logging
+        from models.kernels.cpu.native import quiet_cpp_extension  # no "no CUDA runtime" line in one-line errors
 
-        # A CUDA build of torch on a host without a GPU warns at this import (no CUDA runtime): noise in the one-line
-        # errors the tests read, as it is for the CPU kernels (models/kernels/cpu/native.py).
-        quiet = logging.getLogger("torch.utils.cpp_extension")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            from torch.utils.cpp_extension import load
-        finally:
-            quiet.setLevel(level)
+        load = quiet_cpp_extension().load
 
         _ext = load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES], extra_cflags=["-O2"], verbose=verbose)
     return _ext
