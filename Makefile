@@ -1,6 +1,7 @@
 # Two entry points: `make train` and `make test`. Both create .venv on first use.
 # torch==2.13.0 is installed first so that pip takes the local CPU wheel instead of a multi-GB CUDA build.
-# The venv gets every extra (DeepSpeed, plotting, transformers) so that the whole suite runs; `make test-fast` runs the unit tests.
+# The venv gets every extra (DeepSpeed, plotting, transformers) so that the whole suite runs; `make test-fast` runs the unit
+# and kernel-backend tests (tests/unit, tests/kernels: the CPU backend's own tests live in tests/kernels/cpu).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,7 @@ test: setup
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "unit and not slow" $(ARGS)
+	$(PY) -m pytest -q -m "(unit or kernels) and not slow" $(ARGS)
 
 # The suite under torch 2.14 (torch-npu 2.14.0's pair) in its own venv; the CUDA wheel pip fetches runs on CPU. The
 # C++ CPU kernels build into their own cache, so the two torch versions never load each other's build.

@@ -2,7 +2,8 @@
 
 With no names it runs every benchmark but the on-demand ones (`smoke`, the end-to-end check for a lent
 accelerator; `init`, initialisation's cost per rank; `faults`, the fault-injection trials; `bad_inputs`, the
-bad-input table; `hf_import`, a Hugging Face import on 1, 2 and 4 ranks), which run only when named:
+bad-input table; `hf_import`, a Hugging Face import on 1, 2 and 4 ranks; `context_parallel`, tokens/s per context-parallel
+implementation), which run only when named:
 `python -m bench smoke`. The exit code is 1 when a benchmark reports failures (`failed` > 0 in its figures)."""
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from launch.autoload import defer_device_backends
 # Before anything imports torch (the benchmarks are imported lazily): see launch/autoload.py.
 defer_device_backends()
 
-BENCHMARKS = ("trunk", "pipeline", "moe_load", "versus_hf", "smoke", "init", "faults", "bad_inputs", "hf_import")
-ON_DEMAND = ("smoke", "init", "faults", "bad_inputs", "hf_import")
+BENCHMARKS = ("trunk", "pipeline", "moe_load", "versus_hf", "smoke", "init", "faults", "bad_inputs", "hf_import",
+              "context_parallel")
+ON_DEMAND = ("smoke", "init", "faults", "bad_inputs", "hf_import", "context_parallel")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

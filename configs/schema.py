@@ -251,6 +251,14 @@ class DPEngine(str, Enum):
     deepspeed = "deepspeed"
 
 
+class ContextParallelImpl(str, Enum):
+    """How attention reaches the keys and values of the other context-parallel ranks (parallel/context.py)."""
+
+    ring = "ring"
+    allgather = "allgather"
+    ulysses = "ulysses"
+
+
 class Recompute(str, Enum):
     none = "none"
     selective = "selective"
@@ -305,11 +313,13 @@ class ParallelConfig:
     # -1: whatever the world size leaves after the other degrees.
     dp_shard: int = -1
     cp: int = 1
+    # ring | allgather | ulysses: how context-parallel attention exchanges keys and values (parallel/context.py).
+    cp_impl: ContextParallelImpl = ContextParallelImpl.ring
     tp: int = 1
     pp: int = 1
     # Virtual pipeline stages per rank (interleaved schedules).
     vpp: int = 1
-    # Expert parallel degree, carved out of dp_shard * cp.
+    # Expert parallel degree, carved out of dp_shard.
     ep: int = 1
     dp_engine: DPEngine = DPEngine.fsdp
     # ZeRO stage for dp_engine=deepspeed (1, 2 or 3).

@@ -8,6 +8,8 @@ shard, but attention runs on the gathered whole.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -15,6 +17,7 @@ from configs.schema import AttentionKind, ModelConfig
 from models.mla import MultiHeadLatentAttention
 from models.layers import Linear, RMSNorm, UsesKernels
 from models.ops import rope_tables
+from models.visibility import rotary_and_mask
 
 
 class GroupedQueryAttention(UsesKernels, nn.Module):
@@ -31,14 +34,20 @@ class GroupedQueryAttention(UsesKernels, nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention), or this
+        rank's chunks of it (context parallelism); `positions` / `documents` (batch, seq): see `rotary_and_mask`."""
         batch, seq, _ = x.shape
-        rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
         q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in self.kernels.project(x, (self.wq, self.wk, self.wv)))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.wo(self.kernels.causal_attention(q, k, v, rope).reshape(batch, seq, -1))
+        if positions is None:
+            rope = rope_tables(seq, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
+            return self.wo(self.kernels.causal_attention(q, k, v, rope).reshape(batch, seq, -1))
+        rope, visible = rotary_and_mask(positions, documents, self.head_dim, self.rope_theta, self.rope_scaling)
+        q, k = self.kernels.apply_rope(q, *rope), self.kernels.apply_rope(k, *rope)
+        return self.wo(self.kernels.masked_attention(q, k, v, visible).reshape(batch, seq, -1))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

@@ -22,6 +22,8 @@ rotary key only for its own heads, so that key's gradient must be summed over th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -29,6 +31,7 @@ from configs.schema import ModelConfig
 from models.layers import Linear, RMSNorm, UsesKernels
 from models.ops import rope_tables
 from models.rope import softmax_scale_gain
+from models.visibility import rotary_and_mask
 
 
 def _normalize(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -67,10 +70,16 @@ class MultiHeadLatentAttention(UsesKernels, nn.Module):
             return self.wq_b(_normalize(self.q_norm, self.wq_a(x)))
         return self.wq(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention)."""
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (batch, seq, d_model), the whole sequence (sequence parallelism gathers it before attention), or this
+        rank's chunks of it; `positions` / `documents` as in models/attention.py."""
         batch, seq, _ = x.shape
-        rope = rope_tables(seq, self.rope_dim, self.rope_theta, x.device, self.rope_scaling)
+        visible = None
+        if positions is None:
+            rope = rope_tables(seq, self.rope_dim, self.rope_theta, x.device, self.rope_scaling)
+        else:
+            rope, visible = rotary_and_mask(positions, documents, self.rope_dim, self.rope_theta, self.rope_scaling)
         q = self._query(x).view(batch, seq, -1, self.nope_dim + self.rope_dim)
         q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q = torch.cat([q_nope, self.kernels.apply_rope(q_rot, *rope)], dim=-1)
@@ -84,4 +93,6 @@ class MultiHeadLatentAttention(UsesKernels, nn.Module):
         k = torch.cat([k_nope, k_rot], dim=-1)
 
         # SDPA takes a value width different from the query/key width, and scales scores by 1/sqrt(qk_head_dim).
+        if visible is not None:
+            return self.wo(self.kernels.masked_attention(q, k, v, visible).reshape(batch, seq, -1))
         return self.wo(self.kernels.causal_attention(q, k, v).reshape(batch, seq, -1))

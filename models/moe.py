@@ -7,7 +7,9 @@
 `GroupedExperts` is the one submodule expert parallelism wraps: it takes tokens already sorted by expert plus the
 count per expert, and returns their outputs in the same order, knowing nothing of other ranks. It reads the number
 of experts from its weights, so it runs the same with all experts or with a rank's slice of them (dim 0 sharded).
-Routing, sorting, un-sorting, score weighting and the shared experts stay in `MoE` around it.
+Routing, sorting, un-sorting, score weighting and the shared experts stay in `MoE` around it; the sort and the
+weighted un-sort are the kernel backend's `permute_tokens` / `unpermute_tokens` (models/kernels/reference.py keeps the
+plain version, capacity dropping included).
 
 Load balancing (DeepSeek-V3, arXiv 2412.19437 s2.1.2):
 - a per-expert bias added to the scores for the top-k choice only (never to the combine weights), moved after every
@@ -147,7 +149,7 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class MoE(nn.Module):
+class MoE(UsesKernels, nn.Module):
     """Shared experts plus top-k routed fine-grained experts. Input and output (batch, seq, d_model).
 
     `aux_loss_scale`: d(loss that enters backward)/d(one forward's loss), fixed by how the training loop combines
@@ -188,15 +190,12 @@ class MoE(nn.Module):
         flat_expert = chosen.flatten()  # assignment a = token * top_k + slot
         # scatter_add rather than bincount: a fixed output size, which torch.compile can trace.
         counts = flat_expert.new_zeros(self.n_experts).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
-        if self.capacity_factor > 0:
-            order, kept_counts = self._sort_with_capacity(flat_expert, weights.flatten(), counts)
-        else:
-            order, kept_counts = torch.argsort(flat_expert, stable=True), counts
-
-        expert_out = self.experts(tokens[order // self.top_k], kept_counts)
-        # Dropped assignments stay zero and so contribute nothing; each kept one returns to its own slot.
-        per_slot = expert_out.new_zeros(flat_expert.shape[0], d_model).index_put((order,), expert_out)
-        routed = (per_slot.view(-1, self.top_k, d_model) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        capacity = (math.ceil(self.capacity_factor * flat_expert.shape[0] / self.n_experts)
+                    if self.capacity_factor > 0 else None)
+        rows, kept_counts, mapping = self.kernels.permute_tokens(tokens, chosen, weights, counts, capacity)
+        expert_out = self.experts(rows, kept_counts)
+        # Dropped assignments contribute nothing; each kept one returns to its own slot, weighted.
+        routed = self.kernels.unpermute_tokens(expert_out, mapping, weights).to(x.dtype)
         out = routed if self.shared_experts is None else routed + self.shared_experts(tokens)
         out = out.view(batch, seq, d_model)
 
@@ -207,20 +206,8 @@ class MoE(nn.Module):
             )
             out = _AddAuxLossGradient.apply(out, aux_loss, self.aux_loss_scale)
         if self.training:
-            self._record(counts, flat_expert.shape[0] - order.shape[0], flat_expert.shape[0], aux_loss)
+            self._record(counts, flat_expert.shape[0] - rows.shape[0], flat_expert.shape[0], aux_loss)
         return out
-
-    def _sort_with_capacity(
-        self, flat_expert: torch.Tensor, flat_weight: torch.Tensor, counts: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Assignments sorted by expert, each expert keeping only its `capacity` highest-weighted ones (ties: the
-        earlier token), plus the kept count per expert. Reads the kept total on the host (a dynamic shape)."""
-        capacity = math.ceil(self.capacity_factor * flat_expert.shape[0] / self.n_experts)
-        by_weight = torch.argsort(-flat_weight.detach(), stable=True)
-        order = by_weight[torch.argsort(flat_expert[by_weight], stable=True)]
-        first_of_expert = torch.cumsum(counts, 0) - counts
-        rank_in_expert = torch.arange(order.shape[0], device=order.device) - first_of_expert[flat_expert[order]]
-        return order[rank_in_expert < capacity], counts.clamp(max=capacity)
 
     @torch.no_grad()
     def _record(self, counts: torch.Tensor, dropped: int, routed: int, aux_loss: Optional[torch.Tensor]) -> None:

@@ -40,8 +40,21 @@ def rope_tables(seq_len: int, dim: int, theta: float, device: torch.device,
     return angles.cos(), angles.sin()
 
 
+def rope_tables_at(positions: torch.Tensor, dim: int, theta: float,
+                   scaling: Optional[RopeScaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin at given positions (..., seq) int64: (..., seq, dim // 2) float32, as `rope_tables` would give
+    at those rows."""
+    inv_freq = inverse_frequencies(dim, theta, scaling, positions.device)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    magnitude = rotation_magnitude(scaling)
+    if magnitude != 1.0:
+        return angles.cos() * magnitude, angles.sin() * magnitude
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of the last dimension of x (batch, seq, heads, dim) by the position's angle.
+    """Rotate consecutive pairs of the last dimension of x (batch, seq, heads, dim) by the position's angle; cos and
+    sin are (seq, dim // 2), or (batch, seq, dim // 2) when positions differ between sequences (documents).
 
     Eagerly, as one complex multiply: on CPU that is 6x faster forward + backward than the real form, whose
     stride-2 pairs defeat vectorisation. Under torch.compile the real form (`rope_real`), which Inductor fuses into
@@ -50,7 +63,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if torch.compiler.is_compiling():
         return rope_real(x, cos, sin)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rotation = torch.complex(cos, sin)[None, :, None, :]
+    rotation = torch.complex(cos, sin).unsqueeze(-2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -58,8 +71,8 @@ def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     """`apply_rope` in real arithmetic: (even, odd) -> (even cos - odd sin, odd cos + even sin), as one multiply and
     one multiply-add over the pair-swapped input."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    signed_sin = torch.stack((-sin, sin), dim=-1)[None, :, None]
-    rotated = torch.addcmul(pairs * cos[None, :, None, :, None], pairs.flip(-1), signed_sin)
+    signed_sin = torch.stack((-sin, sin), dim=-1).unsqueeze(-3)
+    rotated = torch.addcmul(pairs * cos.unsqueeze(-2).unsqueeze(-1), pairs.flip(-1), signed_sin)
     return rotated.flatten(-2).type_as(x)
 
 
@@ -80,6 +93,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v = expand_kv_heads(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention on (batch, seq, heads, dim) tensors (already rotated) where `mask` (batch, 1, queries, keys) bool
+    says which keys each query sees (models/visibility.py); grouped kv heads and a narrower v as in
+    `causal_attention`."""
+    k, v = expand_kv_heads(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 

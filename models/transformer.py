@@ -34,8 +34,13 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if positions is None:
+            h = x + self.attention(self.attention_norm(x))
+        else:
+            # As keywords: tensor parallelism's input preparation counts positional inputs.
+            h = x + self.attention(self.attention_norm(x), positions=positions, documents=documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -54,12 +59,19 @@ class Transformer(UsesKernels, nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab). A stage without the embedding takes hidden
-        states (batch, seq, d_model) instead; one without the output head returns hidden states."""
+        states (batch, seq, d_model) instead; one without the output head returns hidden states.
+
+        `positions` (batch, seq) int64: each token's rotary position, when not 0, 1, 2, ... (this rank's chunks
+        under context parallelism, or positions restarting at each packed document); `documents` (batch, seq): the
+        document each token belongs to, which limits attention to it. Attention then follows
+        models/visibility.py's rule."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        extra = {} if positions is None else {"positions": positions, "documents": documents}
         for layer in self.layers.values():
-            h = layer(h)
+            h = layer(h, **extra)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

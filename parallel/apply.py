@@ -1,6 +1,6 @@
 """Turn the configs, a device and a mesh into a training engine, applying parallelism in one fixed order:
 
-    build on meta (a pipeline rank builds only its stages) -> TP (+SP) -> EP -> activation checkpointing ->
+    build on meta (a pipeline rank builds only its stages) -> TP (+SP) -> EP -> CP -> activation checkpointing ->
     compile -> FSDP2 (experts over the ranks that hold the same experts, then the rest over all data ranks) ->
     materialize + seeded init -> DDP
 
@@ -19,6 +19,7 @@ from configs.schema import DPEngine, ModelConfig, ParallelConfig, Precision, Tra
 from launch.device import Device
 from models.kernels import ReferenceKernels, kernels_for
 from models.transformer import build_model
+from parallel.context import BatchSplit, apply_context_parallel
 from parallel.data import apply_ddp, apply_fsdp, fsdp_mesh
 from parallel.dims import Meshes, ParallelDims
 from parallel.engine import Engine, NativeEngine, OptimizerFactory, PipelineEngine, token_cross_entropy
@@ -53,11 +54,16 @@ def parallelize(model: nn.Module, model_cfg: ModelConfig, parallel: ParallelConf
         model = apply_tensor_parallel(model, model_cfg, mesh["tp"], parallel.sequence_parallel)
     if dims.ep > 1:
         model = apply_expert_parallel(model, mesh["ep"])
+    if dims.cp > 1:
+        model = apply_context_parallel(model, mesh["cp"], parallel.cp_impl.value)
     model = apply_recompute(model, parallel.recompute.value)
     if parallel.compile:
         compile_blocks(model)
     if _uses_fsdp(parallel, dims, mesh):
         if dims.ep > 1:
+            # The context-parallel ranks beside efsdp hold the same experts too, but a mesh of efsdp and cp would
+            # straddle ep, which DTensor cannot flatten for the gradient norm: the engine adds their expert
+            # gradients over cp itself (expert_grad_group).
             expert_mesh = mesh["dp_replicate", "efsdp"] if dims.dp_replicate > 1 else mesh["efsdp"]
             apply_expert_fsdp(model, expert_mesh, param_dtype, reshard=True)
         model = apply_fsdp(model, fsdp_mesh(mesh, dims.dp_replicate, dims.cp), param_dtype)
@@ -71,23 +77,30 @@ def pipeline_plan(model_cfg: ModelConfig, parallel: ParallelConfig, dims: Parall
 def build_engine(
     model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, device: Device, dims: ParallelDims,
     mesh: Optional[Meshes], local_rank: int, make_optimizer: OptimizerFactory,
-    kernels: Optional[ReferenceKernels] = None,
+    kernels: Optional[ReferenceKernels] = None, document_end: Optional[int] = None,
 ) -> Engine:
-    """The engine for this rank; the model's layers run `kernels` (the device's backend when not given)."""
+    """The engine for this rank; the model's layers run `kernels` (the device's backend when not given).
+    `document_end`: the end-of-document token at which positions and attention restart (None: they do not)."""
     kernels = kernels if kernels is not None else kernels_for(device.kind)
     dtype = training_dtype(train.mixed_precision, device)
     torch_device = device.torch_device(local_rank)
     micro_batches = dims.grad_accumulation(train)
     if parallel.dp_engine == DPEngine.deepspeed:
         return _deepspeed_engine(model_cfg, parallel, train, device, dims, dtype, torch_device, make_optimizer,
-                                 kernels)
+                                 kernels, document_end)
+    cp_rank = mesh["cp"].get_local_rank() if mesh is not None and dims.cp > 1 else 0
+    # The ranks whose tokens differ (data and context parallel): their losses and MoE token counts add up.
+    data_mesh = "dp_cp" if dims.cp > 1 else "dp"
+    data_group = mesh[data_mesh].get_group() if mesh is not None and dims.dp * dims.cp > 1 else None
     common = dict(
+        split=BatchSplit(dims.cp, cp_rank, document_end),
         make_optimizer=make_optimizer,
         device=device,
         # Under FSDP the mixed-precision policy already computes in bf16; autocast would only add casts.
         autocast_dtype=None if _uses_fsdp(parallel, dims, mesh) else dtype,
         vocab_parallel_loss=dims.tp > 1,
-        expert_grad_divisor=dims.ep,
+        expert_grad_divisor=dims.ep * (dims.cp if dims.ep > 1 else 1),
+        expert_grad_group=mesh["cp"].get_group() if mesh is not None and dims.ep > 1 and dims.cp > 1 else None,
     )
     if dims.pp > 1:
         plan = pipeline_plan(model_cfg, parallel, dims)
@@ -99,23 +112,23 @@ def build_engine(
         pp_group = mesh["pp"].get_group()
         schedule = build_schedule(plan, stages, torch_device, pp_group, micro_batches, token_cross_entropy)
         return PipelineEngine(
-            stages, schedule, plan, mesh["pp"].get_local_rank(), pp_group, dims.dp,
-            loss_group=mesh["pp_dp"].get_group(), stage_group=pp_group,
-            data_group=mesh["dp"].get_group() if dims.dp > 1 else None, **common,
+            stages, schedule, plan, mesh["pp"].get_local_rank(), pp_group, dims.dp * dims.cp,
+            loss_group=mesh["pp_dp_cp" if dims.cp > 1 else "pp_dp"].get_group(), stage_group=pp_group,
+            data_group=data_group, **common,
         )
     # The native engine divides each micro-batch's loss by their count before backward (parallel/engine.py).
     model = build_model(model_cfg, device="meta", aux_loss_scale=1.0 / micro_batches, kernels=kernels)
     model = parallelize(model, model_cfg, parallel, dims, mesh, dtype)
     model = materialize(model, model_cfg, torch_device, train.seed)
-    if mesh is not None and parallel.dp_engine == DPEngine.ddp and dims.dp > 1:
-        model = apply_ddp(model, mesh["dp"])
-    data_group = mesh["dp"].get_group() if mesh is not None and dims.dp > 1 else None
+    if mesh is not None and parallel.dp_engine == DPEngine.ddp and dims.dp * dims.cp > 1:
+        model = apply_ddp(model, mesh[data_mesh])
     return NativeEngine([model], loss_group=data_group, data_group=data_group, **common)
 
 
 def _deepspeed_engine(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, device: Device,
                       dims: ParallelDims, dtype: Optional[torch.dtype], torch_device: torch.device,
-                      make_optimizer: OptimizerFactory, kernels: ReferenceKernels) -> Engine:
+                      make_optimizer: OptimizerFactory, kernels: ReferenceKernels,
+                      document_end: Optional[int]) -> Engine:
     from parallel.deepspeed import DeepSpeedEngine, deepspeed_config
 
     micro_batches = dims.grad_accumulation(train)
@@ -124,4 +137,4 @@ def _deepspeed_engine(model_cfg: ModelConfig, parallel: ParallelConfig, train: T
     model = materialize(model, model_cfg, torch_device, train.seed)
     ds_config = deepspeed_config(train.global_batch, train.micro_batch, micro_batches, train.grad_clip,
                                  parallel.zero_stage, bf16=dtype == torch.bfloat16)
-    return DeepSpeedEngine(model, make_optimizer(model), device, ds_config)
+    return DeepSpeedEngine(model, make_optimizer(model), device, ds_config, split=BatchSplit(eos_id=document_end))

@@ -22,6 +22,7 @@ from torch import nn
 
 from configs.errors import CheckpointError, ConfigError
 from launch.device import Device
+from parallel.context import BatchSplit
 from parallel.engine import Batch, EngineBase, StepCheck, StepOutput, set_learning_rate
 
 
@@ -58,7 +59,7 @@ class DeepSpeedEngine(EngineBase):
     kind = "deepspeed"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: Device,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], split: BatchSplit = BatchSplit()) -> None:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -69,10 +70,10 @@ class DeepSpeedEngine(EngineBase):
         world = dist.group.WORLD
         # DeepSpeed's bf16 mode casts the model itself: no autocast.
         super().__init__([self.engine.module], device, self.engine.device, autocast_dtype=None, loss_group=world,
-                         data_group=world)
+                         data_group=world, split=split)
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.engine(inputs)
+    def _forward(self, inputs: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return self.engine(inputs, **extra)
 
     def _train_mode(self, training: bool) -> None:
         self.engine.train(training)

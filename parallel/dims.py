@@ -61,7 +61,7 @@ class ParallelDims:
                 "make dp_replicate*dp_shard*cp*tp*pp equal the number of processes (dp_shard=-1 fills the rest)",
             )
         problem = layout_problem(Layout.of(cfg, dp_shard, train.micro_batch), model, train.global_batch,
-                                 cfg.pp_layers)
+                                 cfg.pp_layers, train.seq_len)
         if problem is not None:
             dims._fail(problem.what, problem.fix)
         return dims
@@ -100,6 +100,8 @@ class ParallelDims:
             "dp_shard_cp": world["efsdp", "ep", "cp"]._flatten("dp_shard_cp"),
             "dp_cp": world["dp_replicate", "efsdp", "ep", "cp"]._flatten("dp_cp"),
             "pp_dp": world["pp", "dp_replicate", "efsdp", "ep"]._flatten("pp_dp"),
+            # Context-parallel ranks see different tokens of the same sequences: their losses add up too.
+            "pp_dp_cp": world["pp", "dp_replicate", "efsdp", "ep", "cp"]._flatten("pp_dp_cp"),
         }
         return Meshes(world, flat)
 

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from configs.errors import CheckpointError
 from launch.device import Device
 from models.moe import reset_statistics, suspend_statistics_for_next_forward, update_load_balance
+from parallel.context import BatchSplit
 from parallel.expert import expert_parameters
 from parallel.pipeline import PipelinePlan, forward_only_losses
 
@@ -200,8 +201,10 @@ class EngineBase:
     """What every engine shares: the loss of a micro-batch, evaluation, sums over ranks, and the MoE balancing hook
     that runs once after each optimizer step.
 
-    `loss_group`: the ranks whose loss shares add up to the global loss (data-parallel, and pipeline, ranks);
-    `data_group`: the ranks that see different tokens, over which MoE token counts add up. None = this process alone.
+    `loss_group`: the ranks whose loss shares add up to the global loss (data-parallel, context-parallel, and
+    pipeline, ranks); `data_group`: the ranks that see different tokens, over which MoE token counts add up. None =
+    this process alone. `split`: what of each micro-batch this rank runs, with which positions
+    (parallel/context.py: context parallelism, document masks).
     """
 
     kind: str
@@ -215,8 +218,10 @@ class EngineBase:
         loss_group: Optional[dist.ProcessGroup] = None,
         data_group: Optional[dist.ProcessGroup] = None,
         vocab_parallel_loss: bool = False,
+        split: BatchSplit = BatchSplit(),
     ) -> None:
         self.parts = parts
+        self.split = split
         self.device = device
         self.torch_device = torch_device
         self.autocast_dtype = autocast_dtype
@@ -237,8 +242,8 @@ class EngineBase:
 
     # ---- loss and evaluation --------------------------------------------------------------------------------
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+    def _forward(self, inputs: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs, **extra)
 
     def _train_mode(self, training: bool) -> None:
         for part in self.parts:
@@ -246,8 +251,9 @@ class EngineBase:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = (t.to(self.torch_device, non_blocking=True) for t in batch)
+        inputs, targets, extra = self.split(inputs, targets)
         with self.device.autocast(self.autocast_dtype):
-            logits = self._forward(inputs)
+            logits = self._forward(inputs, **extra)
         return token_cross_entropy(logits, targets)
 
     def _loss_ranks(self) -> int:
@@ -304,7 +310,9 @@ class NativeEngine(EngineBase):
     The model may come in parts (a pipeline rank's stages), each with its own optimizer; the parts' state dicts
     are merged under their canonical parameter names, so checkpoints do not depend on how the model was cut.
     `expert_grad_divisor`: expert-parallel gradients arrive summed over the ep group (parallel/expert.py) and are
-    divided by it. `stage_group`: pipeline ranks, whose gradient norms add up.
+    divided by it; `expert_grad_group`: the context-parallel ranks, over which expert-parallel gradients are added
+    here (their FSDP group leaves cp out: parallel/apply.py), the divisor counting them. `stage_group`: pipeline
+    ranks, whose gradient norms add up.
     """
 
     kind = "native"
@@ -320,12 +328,16 @@ class NativeEngine(EngineBase):
         vocab_parallel_loss: bool = False,
         stage_group: Optional[dist.ProcessGroup] = None,
         expert_grad_divisor: int = 1,
+        expert_grad_group: Optional[dist.ProcessGroup] = None,
+        split: BatchSplit = BatchSplit(),
     ) -> None:
         torch_device = next(parts[0].parameters()).device
-        super().__init__(parts, device, torch_device, autocast_dtype, loss_group, data_group, vocab_parallel_loss)
+        super().__init__(parts, device, torch_device, autocast_dtype, loss_group, data_group, vocab_parallel_loss,
+                         split)
         self.optimizers = [make_optimizer(part) for part in parts]
         self.stage_group = stage_group
         self.expert_grad_divisor = expert_grad_divisor
+        self.expert_grad_group = expert_grad_group
 
     def _no_grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
@@ -352,6 +364,10 @@ class NativeEngine(EngineBase):
             for part in self.parts:
                 for param in expert_parameters(part):
                     if param.grad is not None:
+                        if self.expert_grad_group is not None:
+                            grad = param.grad
+                            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad,
+                                            group=self.expert_grad_group)
                         param.grad.div_(self.expert_grad_divisor)
         grad_norm = clip_grad_norm_(self.parameters(), grad_clip, self.stage_group, self.torch_device)
         output = StepOutput(mean_loss / self._loss_ranks(), grad_norm)
@@ -481,10 +497,13 @@ class PipelineEngine(NativeEngine):
                 torch.cat([b[1] for b in batches]).to(self.torch_device))
 
     def _forward_backward(self, batches: list[Batch]) -> torch.Tensor:
-        inputs, targets = self._whole_batch(batches)
+        inputs, targets, extra = self.split(*self._whole_batch(batches))
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
-        kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+        # Positions and documents go to every stage: the schedule cuts them into micro-batches with the inputs.
+        kwargs: dict[str, Any] = dict(extra)
+        if self.has_last:
+            kwargs.update(target=targets, losses=losses)
         with self.loss_context(), self.device.autocast(self.autocast_dtype):
             self.schedule.step(*args, **kwargs)
         return self._mean(losses)
@@ -492,10 +511,10 @@ class PipelineEngine(NativeEngine):
     @torch.no_grad()
     def _eval_loss_share(self, batches: list[Batch]) -> torch.Tensor:
         self._train_mode(False)
-        inputs, targets = self._whole_batch(batches)
+        inputs, targets, extra = self.split(*self._whole_batch(batches))
         with self.loss_context(), self.device.autocast(self.autocast_dtype):
             losses = forward_only_losses(self.plan, self.stages, self.pp_rank, self.pp_group, inputs, targets,
-                                         len(batches), token_cross_entropy)
+                                         len(batches), token_cross_entropy, extra)
         return self._mean(losses) / self.dp_size
 
     def _loss_ranks(self) -> int:

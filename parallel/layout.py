@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from configs.schema import PP_SCHEDULES, DPEngine, ParallelConfig, Recompute
+from configs.schema import PP_SCHEDULES, ContextParallelImpl, DPEngine, ParallelConfig, Recompute
 
 # Mesh dimensions, outermost first (parallel/dims.py builds the DeviceMesh in this order).
 MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
@@ -31,6 +31,8 @@ class Layout:
     vpp: int = 1
     cp: int = 1
     ep: int = 1
+    # How context-parallel attention exchanges keys and values: ring | allgather | ulysses (parallel/context.py).
+    cp_impl: str = "ring"
     dp_replicate: int = 1
     dp_shard: int = 1
     micro_batch: int = 1
@@ -94,7 +96,7 @@ class Layout:
         engine = parallel.dp_engine.value
         return cls(
             tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp, cp=parallel.cp, ep=parallel.ep,
-            dp_replicate=parallel.dp_replicate, dp_shard=dp_shard, micro_batch=micro_batch,
+            cp_impl=parallel.cp_impl.value, dp_replicate=parallel.dp_replicate, dp_shard=dp_shard, micro_batch=micro_batch,
             recompute=parallel.recompute.value, dp_engine=engine,
             zero_stage=ENGINE_ZERO_STAGE.get(engine, parallel.zero_stage), schedule=parallel.pp_schedule,
             sequence_parallel=parallel.sequence_parallel,
@@ -103,7 +105,8 @@ class Layout:
     def to_parallel_config(self, pp_layers: tuple[int, ...] = (), **extra: Any) -> ParallelConfig:
         """The trainer config that runs this layout (`extra`: other ParallelConfig fields, e.g. predicted_step_s)."""
         return ParallelConfig(
-            dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp, pp=self.pp, vpp=self.vpp,
+            dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp,
+            cp_impl=ContextParallelImpl(self.cp_impl), tp=self.tp, pp=self.pp, vpp=self.vpp,
             ep=self.ep, dp_engine=DPEngine(self.dp_engine),
             # ParallelConfig reads zero_stage only for DeepSpeed; its default otherwise.
             zero_stage=self.zero_stage if self.dp_engine == DPEngine.deepspeed.value else ParallelConfig.zero_stage,
@@ -133,7 +136,7 @@ class Layout:
     def short(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}" + (f"x{self.vpp}" if self.vpp > 1 else "")]
         if self.cp > 1:
-            parts.append(f"cp{self.cp}")
+            parts.append(f"cp{self.cp}-{self.cp_impl}")
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
         hsdp = self.dp_engine == "fsdp" and self.dp_replicate > 1 and self.dp_shard > 1

@@ -123,19 +123,23 @@ def _recv(peer: int, group: dist.ProcessGroup, device: torch.device) -> torch.Te
 def forward_only_losses(
     plan: PipelinePlan, stages: dict[int, nn.Module], pp_rank: int, group: dist.ProcessGroup,
     inputs: torch.Tensor, targets: torch.Tensor, n_microbatches: int, loss_fn: Callable,
+    extra: Optional[dict[str, torch.Tensor]] = None,
 ) -> list[torch.Tensor]:
-    """Per-micro-batch losses on the rank holding the last stage (an empty list elsewhere)."""
+    """Per-micro-batch losses on the rank holding the last stage (an empty list elsewhere). `extra`: keyword
+    inputs of every stage (positions, documents), cut into micro-batches like the inputs."""
     owner = {stage: rank for rank in range(plan.pp) for stage in plan.stages_of_rank(rank)}
     last = plan.n_stages - 1
     losses = []
-    for inp, tgt in zip(inputs.chunk(n_microbatches), targets.chunk(n_microbatches)):
+    extras = [{name: value.chunk(n_microbatches)[i] for name, value in (extra or {}).items()}
+              for i in range(n_microbatches)]
+    for inp, tgt, kwargs in zip(inputs.chunk(n_microbatches), targets.chunk(n_microbatches), extras):
         hidden = inp
         for stage in range(plan.n_stages):
             if owner[stage] != pp_rank:
                 continue
             if stage > 0 and owner[stage - 1] != pp_rank:
                 hidden = _recv(owner[stage - 1], group, inp.device)
-            hidden = stages[stage](hidden)
+            hidden = stages[stage](hidden, **kwargs)
             if stage == last:
                 losses.append(loss_fn(hidden, tgt))
             elif owner[stage + 1] != pp_rank:

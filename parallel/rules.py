@@ -9,6 +9,7 @@ and the planner into a skipped candidate. Pure arithmetic on configs: no torch.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 from configs.schema import PP_SCHEDULES, AttentionKind, DPEngine, ModelConfig
@@ -118,9 +119,37 @@ def tensor_parallel_problem(model: ModelConfig, tp: int) -> Optional[Problem]:
     return None
 
 
-def context_parallel_problem(cp: int) -> Optional[Problem]:
-    if cp > 1:
-        return Problem(f"parallel.cp={cp}: context parallelism is not implemented in training yet", "use cp=1")
+CP_IMPLS = ("ring", "allgather", "ulysses")
+
+
+def context_parallel_problem(model: ModelConfig, cp: int, impl: str = "ring", tp: int = 1,
+                             seq_len: Optional[int] = None) -> Optional[Problem]:
+    """Each sequence is cut into 2 cp equal chunks (parallel/context.py); Ulysses also splits each tensor-parallel
+    rank's heads cp ways, repeating grouped kv heads until they split; the sequence-wise MoE balance loss needs
+    whole sequences."""
+    if cp == 1:
+        return None
+    if impl not in CP_IMPLS:
+        return Problem(f"parallel.cp_impl={impl!r} is not one of {', '.join(CP_IMPLS)}", "pick one of them")
+    if seq_len is not None and seq_len % (2 * cp):
+        return Problem(f"train.seq_len={seq_len} is not a multiple of 2*cp={2 * cp}",
+                       "context parallelism cuts each sequence into 2*cp equal chunks: pick seq_len or cp to fit")
+    if model.is_moe and model.moe.aux_loss_coef > 0:
+        return Problem(f"cp={cp} with model.moe.aux_loss_coef={model.moe.aux_loss_coef}: the sequence-wise balance "
+                       f"loss needs whole sequences on one rank",
+                       "set model.moe.aux_loss_coef=0 (the bias balancing needs no loss) or cp=1")
+    if impl == "ulysses":
+        heads = model.n_heads // tp
+        if heads % cp:
+            return Problem(f"cp_impl=ulysses with cp={cp}: the {heads} attention heads per tensor-parallel rank do "
+                           f"not split {cp} ways", "pick cp dividing n_heads/tp, or cp_impl=ring or allgather")
+        if model.attention == AttentionKind.gqa:
+            kv = max(model.n_kv_heads // tp, 1)
+            repeat = cp // math.gcd(kv, cp)
+            if (heads // kv) % repeat:
+                return Problem(f"cp_impl=ulysses with cp={cp}: {kv} kv heads per tensor-parallel rank cannot be "
+                               f"repeated to split {cp} ways under their {heads // kv} query heads each",
+                               "pick cp dividing n_kv_heads/tp, or cp_impl=ring or allgather")
     return None
 
 
@@ -180,11 +209,11 @@ def batch_problem(global_batch: int, dp: int, micro_batch: int) -> Optional[Prob
 
 
 def layout_problem(layout: Layout, model: ModelConfig, global_batch: int,
-                   pp_layers: Sequence[int] = ()) -> Optional[Problem]:
-    """The first reason `layout` cannot train `model` with this global batch (None: it can). The world size is
-    the layout's own product; parallel/dims.py checks it against the processes first."""
+                   pp_layers: Sequence[int] = (), seq_len: Optional[int] = None) -> Optional[Problem]:
+    """The first reason `layout` cannot train `model` with this global batch and sequence length (None: it can).
+    The world size is the layout's own product; parallel/dims.py checks it against the processes first."""
     checks = (
-        lambda: context_parallel_problem(layout.cp),
+        lambda: context_parallel_problem(model, layout.cp, layout.cp_impl, layout.tp, seq_len),
         lambda: pipeline_problem(model, layout.pp, layout.vpp),
         lambda: tensor_parallel_problem(model, layout.tp),
         lambda: expert_parallel_problem(model, layout.ep, layout.dp_shard),

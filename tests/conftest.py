@@ -31,7 +31,7 @@ FAST = quick_run.FAST  # a short, deterministic CPU run (bench/quick_run.py), sh
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test by its folder: tests/unit -> unit, tests/dist -> dist, tests/e2e -> e2e, tests/accel -> accel,
-    tests/hf -> hf, tests/kernels -> kernels (pyproject.toml)."""
+    tests/hf -> hf, tests/kernels -> kernels, its backend folders (tests/kernels/cpu) included (pyproject.toml)."""
     for item in items:
         folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
         if folder in ("unit", "dist", "e2e", "accel", "hf", "kernels"):

@@ -53,6 +53,9 @@ class DataConfig:
     val_fraction: float = 0.02
     # Cap on the text read for source=stdlib or text (bytes); 0 = no cap.
     max_bytes: int = 16 * 2**20
+    # Packed documents stay apart: at each end-of-document token rotary positions restart and attention stops
+    # (a token sees only its own document). Needs a tokenizer or shards that know that token.
+    reset_attention_at_eod: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -322,6 +325,7 @@ class Datasets:
     val: SequenceDataset
     vocab_size: int
     description: str
+    eos_id: Optional[int] = None  # the end-of-document token, where the tokenizer or the shards name one
 
 
 def build_datasets(cfg: DataConfig, seq_len: int) -> Datasets:
@@ -329,6 +333,7 @@ def build_datasets(cfg: DataConfig, seq_len: int) -> Datasets:
         streams, vocab, names = read_shards(cfg.path)
         description = f"memmap shards at {cfg.path}"
         checked_vocab: Optional[int] = vocab
+        eos_id = json.loads((Path(cfg.path) / "meta.json").read_text()).get("eos_id")  # read_shards checked it
     else:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.eos_token)
         files = stdlib_files() if cfg.source == DataSource.stdlib else text_files(cfg.path)
@@ -338,8 +343,13 @@ def build_datasets(cfg: DataConfig, seq_len: int) -> Datasets:
         where = "the Python standard library" if cfg.source == DataSource.stdlib else cfg.path
         description = f"{where} ({len(streams[0]):,} tokens, {tokenizer.name} tokenizer)"
         names, checked_vocab = [where], None  # our own tokenizer's ids
+        eos_id = tokenizer.eos_id
+    if cfg.reset_attention_at_eod and eos_id is None:
+        source = f"the shards' meta.json ({cfg.path})" if cfg.source == DataSource.memmap else "the tokenizer"
+        raise DataError(f"data.reset_attention_at_eod=true, but {source} names no end-of-document token: set "
+                        f"data.eos_token (and prepare the shards again), or data.reset_attention_at_eod=false")
     train, val = SequenceDataset(streams, seq_len, vocab_size=checked_vocab, names=names).split(cfg.val_fraction)
-    return Datasets(train, val, vocab, description)
+    return Datasets(train, val, vocab, description, eos_id)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------

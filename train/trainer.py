@@ -79,8 +79,9 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.kernels = kernels_for(device.kind, cfg.device.kernels, cfg.device.fused.enabled())
+        document_end = self.data.eos_id if cfg.data.reset_attention_at_eod else None
         self.engine = build_engine(cfg.model, cfg.parallel, cfg.train, device, dims, mesh, local_rank,
-                                   lambda module: build_optimizer(module, cfg.optim), self.kernels)
+                                   lambda module: build_optimizer(module, cfg.optim), self.kernels, document_end)
         self.lr_schedule = WarmupDecay(cfg.optim, cfg.train.steps)
         self.step = 0
         self.notice = notice

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models import ops
+from models.visibility import Visibility
 
 MatmulKernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KERNELS = ("linear", "rms_norm", "swiglu", "rope", "attention", "grouped_mm")
@@ -65,8 +66,36 @@ class ReferenceKernels:
             q, k = self.apply_rope(q, *rope), self.apply_rope(k, *rope)
         return ops.causal_attention(q, k, v)
 
+    def masked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visibility) -> torch.Tensor:
+        """Attention where `visible` says which keys each query sees (documents, context-parallel chunks); q and k
+        already rotated."""
+        return ops.masked_attention(q, k, v, visible.mask())
+
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return ops.grouped_mm(x, w, counts)
+
+    def permute_tokens(self, tokens: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                       capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A mixture-of-experts block's tokens (tokens, d_model) as rows sorted by expert, for grouped_mm.
+
+        chosen (tokens, k): the experts of each token's k slots (assignment a = token * k + slot); weights (tokens, k)
+        their combine weights; counts: assignments per expert. With a `capacity`, each expert keeps only its
+        `capacity` highest-weighted assignments (ties: the earlier token) and the rest are dropped. Returns (rows,
+        kept count per expert, the mapping unpermute_tokens takes back); within an expert, rows keep token order.
+        """
+        flat = chosen.flatten()
+        if capacity is None:
+            order, kept = torch.argsort(flat, stable=True), counts
+        else:
+            order, kept = sort_with_capacity(flat, weights.flatten(), counts, capacity)
+        return tokens[order // chosen.shape[-1]], kept, order
+
+    def unpermute_tokens(self, rows: torch.Tensor, mapping: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """permute_tokens undone: each token's weighted sum of its k slots' rows (tokens, d_model); a dropped slot
+        contributes nothing. In the promoted dtype of rows and weights (fp32 routing weights: fp32)."""
+        top_k, width = weights.shape[-1], rows.shape[-1]
+        per_slot = rows.new_zeros(weights.numel(), width).index_put((mapping,), rows)
+        return (per_slot.view(-1, top_k, width) * weights.unsqueeze(-1)).sum(dim=1)
 
     # ---- what the planner and selective recompute ask ------------------------------------------------------
 
@@ -95,10 +124,21 @@ class ReferenceKernels:
 # Which methods each switch of `device.fused` turns back to the reference.
 _METHODS: dict[str, tuple[str, ...]] = {
     "linear": ("linear", "project"), "rms_norm": ("rms_norm",), "swiglu": ("swiglu",), "rope": ("apply_rope",),
-    "attention": ("causal_attention",), "grouped_mm": ("grouped_mm",),
+    "attention": ("causal_attention",), "grouped_mm": ("grouped_mm", "permute_tokens", "unpermute_tokens"),
 }
 
 REFERENCE = ReferenceKernels()
+
+
+def sort_with_capacity(flat_expert: torch.Tensor, flat_weight: torch.Tensor, counts: torch.Tensor,
+                       capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assignments sorted by expert, each expert keeping only its `capacity` highest-weighted ones (ties: the earlier
+    token), plus the kept count per expert. The kept total is a dynamic shape (read on the host)."""
+    by_weight = torch.argsort(-flat_weight.detach(), stable=True)
+    order = by_weight[torch.argsort(flat_expert[by_weight], stable=True)]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(order.shape[0], device=order.device) - first_of_expert[flat_expert[order]]
+    return order[rank_in_expert < capacity], counts.clamp(max=capacity)
 
 
 def contiguous_grad(x: torch.Tensor) -> Any:

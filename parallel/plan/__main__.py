@@ -75,15 +75,23 @@ def run(args: list[str]) -> int:
         raise ConfigError(f"plan.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     global_batch = plan.global_batch or 2 * world
     workload = Workload(model, seq_len, global_batch, plan.precision)
-    constraints = Constraints.of(plan)
+    from parallel.plan.software import software_named
+
+    software = software_named(plan.software, cluster.host)
+    ours = software.trainer_rules
+    if plan.schedule is not None and plan.schedule not in software.schedules:
+        raise ConfigError(f"plan.schedule={plan.schedule} is not one that {plan.software} runs "
+                          f"({', '.join(software.schedules)})")
+    constraints = Constraints.of(plan, allowed_schedules=software.schedules)
 
     print(f"model {model.name}: {num_params(model) / 1e9:.3g}B parameters ({num_params(model, True) / 1e9:.3g}B "
           f"active); seq_len {seq_len}, global batch {global_batch} sequences ({global_batch * seq_len:,} tokens), "
           f"{plan.precision}")
     print(f"cluster {describe(cluster)}")
-    from parallel.plan.software import SUPERTRAIN, SUPERTRAIN_CPU
-
-    estimator = Estimator(workload, cluster, SUPERTRAIN_CPU if cluster.host else SUPERTRAIN)
+    if not ours:
+        print(f"software {software.name} (planned as that software runs; nothing is written for supertrain)")
+    # Megatron splits layers evenly over the pipeline stages; our plans balance the output head's cost.
+    estimator = Estimator(workload, cluster, software, even_split=not ours)
     result = search(estimator, world, constraints, keep=max(plan.keep, plan.top))
     fixed = constraints.fixed()
     print(f"searched {result.evaluated:,} layouts in {result.seconds:.2f}s ({result.pruned:,} mesh choices pruned by "
@@ -119,7 +127,7 @@ def run(args: list[str]) -> int:
     name = plan.name or f"plan_{model.name}_{cluster.name}_{world}"
     note = (f"{model.name} on {world} x {cluster.device.name} ({cluster.name}), predicted step "
             f"{best.step_time:.3g}s, MFU {best.mfu:.1%}, {best.memory.gib()['total']:.1f} GiB per device")
-    if plan.write_config:
+    if plan.write_config and ours:
         folder = Path(plan.config_dir or "configs/parallel")
         path = write_parallel_config(folder, name, parallel_config(best, workload, note))
         launcher = "python" if world == 1 else f"torchrun --nproc_per_node={min(world, cluster.devices_per_node)}"
@@ -144,7 +152,7 @@ def run(args: list[str]) -> int:
             print(f"wrote {picture}")
         except PlotUnavailable as reason:
             print(f"no picture: {reason}")
-    if plan.dry_run:
+    if plan.dry_run and ours:
         from parallel.plan.dryrun import dry_run, format_dry_run
 
         started = time.perf_counter()

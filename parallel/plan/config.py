@@ -30,6 +30,11 @@ class PlanFields(FixedChoices):
     seq_len: Optional[int] = None
     # bf16 (mixed precision) or fp32.
     precision: str = "bf16"
+    # The training software planned for: supertrain (the default: plans this trainer runs), or the Megatron
+    # generation of a published run: megatron-core (0.6+, also MindSpeed-LLM), megatron-lm-2022 (Korthikanti et
+    # al.: sequence parallelism and selective recompute, no flash attention), megatron-lm-2021 (Narayanan et al.).
+    # Other software's plans are printed, not written as a supertrain parallel config. See parallel/plan/software.py.
+    software: str = "supertrain"
     # Rows of the ranked table printed.
     top: int = 10
     # Write the ranked candidates (best first) to this JSON file.
@@ -59,6 +64,10 @@ class PlanFields(FixedChoices):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"plan.{key}={value} must be >= 1 (or null for the default)")
+        from parallel.plan.software import SOFTWARE_CHOICES
+
+        if self.software not in SOFTWARE_CHOICES:
+            raise ConfigError(f"plan.software={self.software!r} is not one of {', '.join(SOFTWARE_CHOICES)}")
         if self.top < 1 or self.keep < 0:
             raise ConfigError(f"plan.top={self.top} must be >= 1 and plan.keep={self.keep} >= 0")
 

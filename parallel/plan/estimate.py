@@ -159,7 +159,7 @@ class Estimator:
 
     def token_shape(self, layout: Layout) -> TokenShape:
         return TokenShape(self.workload.seq_len, layout.micro_batch, layout.tp, layout.cp,
-                          layout.sequence_parallel and layout.tp > 1, self.workload.act_bytes)
+                          layout.sequence_parallel and layout.tp > 1, self.workload.act_bytes, layout.cp_impl)
 
     def rank_tensors(self, plan: RankPlan, layout: Layout) -> StageTensors:
         key = (plan, layout.tp, layout.ep)
@@ -221,7 +221,8 @@ class Estimator:
         if plan.head:
             transient += mem.logits_transient_bytes(self.model, shape)
         return MemoryBreakdown(states.parameters, states.gradients, states.optimizer,
-                               alive * act.per_micro_batch, transient)
+                               alive * act.per_micro_batch, transient,
+                               mem.communicator_buffer_bytes(layout, self.cluster.comm_buffer_bytes))
 
     def memory(self, layout: Layout) -> tuple[MemoryBreakdown, tuple[MemoryBreakdown, ...]]:
         per_rank = tuple(self.rank_memory(layout, r, plan) for r, plan in enumerate(self.rank_plans(layout)))

@@ -160,6 +160,7 @@ def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
     from models.kernels import kernels_for
     from models.transformer import build_model
     from parallel.apply import parallelize, pipeline_plan
+    from parallel.context import BatchSplit
     from parallel.data import apply_ddp
     from parallel.dims import ParallelDims
     from parallel.engine import token_cross_entropy
@@ -188,18 +189,22 @@ def measure_rank(model: list[str], layout: dict[str, Any], seq: int, micro_batch
     parameters = list(module.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq))
-    inputs = tokens if first else torch.randn(micro_batch, seq, model_cfg.d_model, requires_grad=True)
+    # Under context parallelism the rank runs its chunks of the sequence, with their positions.
+    cp_rank = meshes["cp"].get_local_rank() if dims.cp > 1 else 0
+    tokens, _, extra = BatchSplit(dims.cp, cp_rank)(tokens, tokens)
+    local = tokens.shape[1]
+    inputs = tokens if first else torch.randn(micro_batch, local, model_cfg.d_model, requires_grad=True)
     # Under tensor parallelism the logits stay split over the vocabulary and the loss runs on the shards.
     loss_context = contextlib.nullcontext
     if dims.tp > 1 and last:
         from torch.distributed.tensor.parallel import loss_parallel as loss_context
     with SavedTensorMeter(parameters) as saved, LiveTensorMeter() as live, loss_context():
-        out = runner(inputs)
+        out = runner(inputs, **extra)
         loss = token_cross_entropy(out, tokens) if last else (out.float() * 1e-3).sum()
     # Weights FSDP still holds gathered (the last block, kept for backward) are working state, not activations.
     # A pipeline stage keeps the tensor it received and the one it sent until their backward, like torch's
     # pipelining does; the last stage's logits die once the loss has its log-softmax.
-    current = list(module.parameters()) + [inputs]
+    current = list(module.parameters()) + [inputs, *extra.values()]
     if last:
         del out
     activations = (saved.saved_bytes(exclude=current) if parallel.recompute.value == "none"

@@ -19,7 +19,7 @@ largest rank decides.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -51,6 +51,9 @@ class MemoryBreakdown:
     # Working memory that comes and goes: gathered FSDP parameters, communication buckets, the loss's logits,
     # a recomputed layer's activations during its backward.
     transient: float = 0.0
+    # Collective-library buffers held for the whole run: HCCL's 2 x HCCL_BUFFSIZE per communicator
+    # (`communicator_groups`); 0 on NCCL clusters.
+    buffers: float = 0.0
 
     @property
     def total(self) -> float:
@@ -82,9 +85,13 @@ class StateNumel:
 
 def shard_numel(stage: StageTensors, layout: Layout, dense_shards: int, dense_index: int) -> StateNumel:
     """Elements of this rank's shard of every parameter of a pipeline rank: dense parameters over `dense_shards`
-    ranks (dp_shard x cp), routed experts over the efsdp ranks that hold the same experts (dp_shard / ep)."""
-    expert_shards = max(1, layout.expert_shards) if dense_shards > 1 else 1
-    expert_index = dense_index // (layout.ep * layout.cp) if dense_shards > 1 else 0
+    ranks (dp_shard x cp), routed experts over the efsdp ranks that hold the same experts (dp_shard / ep); without
+    expert parallelism the experts are dense parameters like the rest (parallel/apply.py)."""
+    if layout.ep == 1:
+        expert_shards, expert_index = dense_shards, dense_index
+    else:
+        expert_shards = max(1, layout.expert_shards) if dense_shards > 1 else 1
+        expert_index = dense_index // (layout.ep * layout.cp) if dense_shards > 1 else 0
     held = allocated = 0
     for shapes, shards, index in ((stage.dense, dense_shards, dense_index),
                                   (stage.expert, expert_shards, expert_index)):
@@ -144,6 +151,42 @@ def working_state_bytes(
     return 0.0
 
 
+# Process groups the trainer builds (parallel/dims.py build_mesh): every mesh dimension and the flattened views,
+# each a tuple of the mesh dimensions it spans; "world" is torch's default group.
+COMMUNICATOR_GROUPS: dict[str, tuple[str, ...]] = {
+    "tp": ("tp",), "cp": ("cp",), "ep": ("ep",), "efsdp": ("efsdp",), "dp_replicate": ("dp_replicate",),
+    "pp": ("pp",), "dp_shard": ("efsdp", "ep"), "dp": ("dp_replicate", "efsdp", "ep"),
+    "dp_shard_cp": ("efsdp", "ep", "cp"), "dp_cp": ("dp_replicate", "efsdp", "ep", "cp"),
+    "pp_dp": ("pp", "dp_replicate", "efsdp", "ep"), "world": ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp"),
+}
+
+
+def communicator_groups(layout: Layout) -> list[str]:
+    """The process groups of more than one rank that a rank joins, one name per distinct set of ranks (a flattened
+    view equal to a dimension, e.g. dp_shard = ep when efsdp is 1, is counted once: the first name in
+    COMMUNICATOR_GROUPS order). Each holds a communicator, and on HCCL its buffers."""
+    sizes = {"tp": layout.tp, "cp": layout.cp, "ep": layout.ep, "efsdp": layout.dp_shard // layout.ep,
+             "dp_replicate": layout.dp_replicate, "pp": layout.pp}
+    strides, stride = {}, 1
+    for dim in ("tp", "cp", "ep", "efsdp", "dp_replicate", "pp"):  # MESH_DIMS, innermost first
+        strides[dim] = stride
+        stride *= sizes[dim]
+    seen, names = set(), []
+    for name, dims in COMMUNICATOR_GROUPS.items():
+        ranks = {0}
+        for dim in dims:
+            ranks = {r + k * strides[dim] for r in ranks for k in range(sizes[dim])}
+        if len(ranks) > 1 and frozenset(ranks) not in seen:
+            seen.add(frozenset(ranks))
+            names.append(name)
+    return names
+
+
+def communicator_buffer_bytes(layout: Layout, per_group_bytes: float) -> float:
+    """Device bytes of collective-library buffers on one rank: `per_group_bytes` per communicator it joins."""
+    return len(communicator_groups(layout)) * per_group_bytes if per_group_bytes else 0.0
+
+
 # ---- activations ----------------------------------------------------------------------------------------------
 
 
@@ -157,6 +200,8 @@ class TokenShape:
     cp: int = 1
     sequence_parallel: bool = False
     act_bytes: int = 2
+    # How context-parallel attention reaches the other ranks' keys and values (parallel/context.py).
+    cp_impl: str = "ring"
 
     @property
     def tokens(self) -> float:
@@ -174,6 +219,10 @@ def _norm_elements(d: int, shape: TokenShape, software: Software) -> tuple[float
     the norm input, x/rms (not kept by the fused CPU kernel), the normalised output that the next linear keeps,
     and 1/rms."""
     if shape.sequence_parallel and shape.tp > 1:
+        if not software.sp_saves_gathered_input:
+            # Megatron: the fused norm keeps its input and 1/rms, the linear the output's shard (re-gathered in the
+            # backward): Korthikanti et al.'s 4 s b h / t bytes per norm.
+            return 2 * d / shape.tp, 1 / shape.tp
         # Input and x/rms are sequence-sharded (DTensors: ATen's norm); the linear keeps the all-gathered output.
         return 2 * d / shape.tp + d, 1 / shape.tp
     return (2 if _native_cpu(shape, software) else 3) * d, 1
@@ -198,8 +247,41 @@ def _attention_kernel(cfg: ModelConfig, shape: TokenShape, software: Software) -
     return software.fused_attention(cfg.qk_head_dim, cfg.value_head_dim) and not blocked, blocked
 
 
+def _context_parallel_core(cfg: ModelConfig, shape: TokenShape) -> tuple[float, float]:
+    """(act, fp32) elements per local token the attention core keeps under context parallelism (parallel/context.py):
+
+    ring       its own autograd function: rotated q, this rank's k and v, the merged output and log-sum-exp (kept in
+               fp32), and the output handed on (the output projection's input)
+    allgather  SDPA with a mask over every rank's keys: q, the gathered k and v expanded to every query head (cp
+               times the local length), the output, log-sum-exp, and the boolean mask (one byte per key)
+    ulysses    attention over the whole sequence for heads / cp heads: per local token what plain attention keeps
+               per token (the caller's formula at cp = 1)
+    """
+    t = shape.tp
+    h = cfg.n_heads
+    if cfg.attention == AttentionKind.mla:
+        qk, v_dim, kv_heads = cfg.qk_head_dim, cfg.value_head_dim, h
+    else:
+        qk = v_dim = cfg.head_dim
+        kv_heads = cfg.n_kv_heads
+    if shape.cp_impl == "allgather":
+        act = (h * qk + shape.cp * h * (qk + v_dim) + h * v_dim) / t + shape.seq_len / shape.act_bytes
+        return act, h / t
+    act = (h * qk + kv_heads * (qk + v_dim) + h * v_dim) / t
+    return act, (h * v_dim + h) / t
+
+
 def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software = SUPERTRAIN) -> tuple[float, float]:
     """(act-dtype, fp32) elements per token that one attention block saves, norm included."""
+    if shape.cp > 1 and software.trainer_rules and shape.cp_impl != "ulysses":
+        act, fp32 = _norm_elements(cfg.d_model, shape, software)
+        if cfg.attention == AttentionKind.mla:
+            act += (2 if _native_cpu(shape, software) else 3) * (cfg.q_lora_rank + cfg.kv_lora_rank)
+            fp32 += (1 if cfg.q_lora_rank else 0) + 1
+        core_act, core_fp32 = _context_parallel_core(cfg, shape)
+        return act + core_act, fp32 + core_fp32
+    if shape.cp > 1 and shape.cp_impl == "ulysses":
+        shape = replace(shape, cp=1)
     t = shape.tp
     act, fp32 = _norm_elements(cfg.d_model, shape, software)
     h = cfg.n_heads

@@ -178,30 +178,56 @@ def simulate(schedule: str, pp: int, vpp: int, m: int, forward: float, backward:
 
 def _simulate_greedy(schedule, pp, chunks, m, stages_of, ready_at, run) -> None:  # noqa: ANN001 - local helper
     """Event by event: of every op whose inputs exist, run the one that can start first (ties: input gradient,
-    then forward, then weight gradient; older micro-batches first)."""
-    todo = [{(kind, stage, mb) for stage in stages_of[r] for mb in range(m) for kind in "FBW"} for r in range(pp)]
+    then forward, then weight gradient; older micro-batches first).
+
+    Each rank keeps the ops whose inputs exist (with the time they arrive) and its best candidate; only the rank
+    that ran and the ranks an op's result unblocks are re-examined, so a step costs O(pp), not O(ops)."""
+    owner = {stage: r for r in range(pp) for stage in stages_of[r]}
+    last_stage = pp * chunks - 1
     # Micro-batches a rank may have started (first chunk's forward) and not finished (first chunk's weight
     # gradient): 1F1B's p - r with one chunk, Megatron's interleaved warm-up with more (p + 1 for DualPipeV).
     limit = [pp - r if chunks == 1 else -(-((pp - r - 1) * 2 + (chunks - 1) * pp + 1) // chunks) for r in range(pp)]
     live = [0] * pp
     free = [0.0] * pp
     priority = {"B": 0, "F": 1, "W": 2}
-    while any(todo):
-        best = None
-        for r in range(pp):
-            for key in todo[r]:
-                if key[0] == "F" and key[1] == stages_of[r][0] and live[r] >= limit[r]:
-                    continue
-                at = ready_at(key, r)
-                if at is None:
-                    continue
-                order = (max(at, free[r]), priority[key[0]], key[2], r, key[1])
-                if best is None or order < best[0]:
-                    best = (order, r, key)
-        if best is None:
+    ready: list[dict[tuple[str, int, int], float]] = [{} for _ in range(pp)]
+    best: list[Optional[tuple]] = [None] * pp
+    stale = set(range(pp))
+    remaining = pp * chunks * m * 3
+
+    def offer(key: tuple[str, int, int]) -> None:
+        rank = owner[key[1]]
+        at = ready_at(key, rank)
+        if at is not None:
+            ready[rank][key] = at
+            stale.add(rank)
+
+    for mb in range(m):
+        offer(("F", 0, mb))
+    while remaining:
+        for r in stale:
+            first = stages_of[r][0]
+            candidates = [((max(at, free[r]), priority[key[0]], key[2], r, key[1]), key)
+                          for key, at in ready[r].items()
+                          if not (key[0] == "F" and key[1] == first and live[r] >= limit[r])]
+            best[r] = min(candidates) if candidates else None
+        stale.clear()
+        chosen = min((b for b in best if b is not None), default=None)
+        if chosen is None:
             raise RuntimeError(f"{schedule} deadlocked (pp={pp}, m={m})")
-        (start, *_), r, key = best
-        if key[1] == stages_of[r][0] and key[0] != "B":
-            live[r] += 1 if key[0] == "F" else -1
+        (start, _, _, r, _), key = chosen
+        kind, stage, mb = key
+        if stage == stages_of[r][0] and kind != "B":
+            live[r] += 1 if kind == "F" else -1
         free[r] = run(r, key, start)
-        todo[r].discard(key)
+        del ready[r][key]
+        stale.add(r)
+        remaining -= 1
+        if kind == "F":
+            if stage < last_stage:
+                offer(("F", stage + 1, mb))
+            offer(("B", stage, mb))
+        elif kind == "B":
+            offer(("W", stage, mb))
+            if stage > 0:
+                offer(("B", stage - 1, mb))

@@ -19,7 +19,8 @@ def candidate(estimate: Estimate) -> dict[str, Any]:
     layout = estimate.layout
     memory = estimate.memory.gib()
     return {
-        "tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "ep": layout.ep, "dp": layout.dp,
+        "tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "cp_impl": layout.cp_impl, "ep": layout.ep,
+        "dp": layout.dp,
         "micro_batch": layout.micro_batch, "recompute": layout.recompute,
         "zero_stage": layout.zero_stage, "schedule": layout.schedule if layout.pp > 1 else "none",
         "memory_gib_per_device": round(memory["total"], 3),
@@ -41,12 +42,15 @@ def write_json(path: Path, estimates: list[Estimate], header: dict[str, Any]) ->
 
 
 def table(estimates: list[Estimate]) -> str:
-    rows = [COLUMNS]
+    # Collective-library buffers (HCCL) get a sixth figure where the cluster has them.
+    buffers = any(e.memory.buffers > 0 for e in estimates)
+    columns = tuple(c.replace("transient)", "transient/comm)") if buffers else c for c in COLUMNS)
+    rows = [columns]
     for i, e in enumerate(estimates, 1):
         g = e.memory.gib()
         layout = e.layout
         memory = (f"{g['total']:5.1f} ({g['parameters']:.1f}/{g['gradients']:.1f}/{g['optimizer']:.1f}/"
-                  f"{g['activations']:.1f}/{g['transient']:.1f})")
+                  f"{g['activations']:.1f}/{g['transient']:.1f}" + (f"/{g['buffers']:.1f})" if buffers else ")"))
         schedule = f"{layout.schedule}" + (f" v{layout.vpp}" if layout.vpp > 1 else "") if layout.pp > 1 else "-"
         rows.append((str(i), layout.short() + ("" if layout.sequence_parallel or layout.tp == 1 else " no-sp"),
                      str(layout.micro_batch), layout.recompute, layout.engine_label(), schedule, memory,
@@ -64,7 +68,14 @@ def breakdown(estimate: Estimate) -> str:
                                                               "dp", "optimizer") if getattr(t, name) > 0]
     counts = estimate.stage_layers
     stages = f"; layers per stage {list(counts)}" if len(counts) > 1 else ""
-    return f"step {estimate.step_time:.4g}s = " + " + ".join(parts) + f" (recompute is inside compute){stages}"
+    line = f"step {estimate.step_time:.4g}s = " + " + ".join(parts) + f" (recompute is inside compute){stages}"
+    if estimate.memory.buffers > 0:
+        from parallel.plan.memory import GIB, communicator_groups
+
+        groups = communicator_groups(estimate.layout)
+        line += (f"\ncommunicator buffers {estimate.memory.buffers / GIB:.2f} GiB per device: {len(groups)} groups "
+                 f"({', '.join(groups)}) x 2 x HCCL_BUFFSIZE")
+    return line
 
 
 def parallel_config(estimate: Estimate, workload: Workload, note: str) -> str:
@@ -75,7 +86,7 @@ def parallel_config(estimate: Estimate, workload: Workload, note: str) -> str:
     # The planner's split (balanced for the output head's cost), stated so train cuts the same stages; the
     # trainer reports its measured step time next to predicted_step_s.
     parallel = layout.to_parallel_config(estimate.stage_layers, predicted_step_s=float(f"{estimate.step_time:.6g}"))
-    fields = ("dp_replicate", "dp_shard", "cp", "tp", "pp", "vpp", "ep", "dp_engine", "zero_stage",
+    fields = ("dp_replicate", "dp_shard", "cp", "cp_impl", "tp", "pp", "vpp", "ep", "dp_engine", "zero_stage",
               "sequence_parallel", "recompute", "pp_schedule", "pp_layers", "predicted_step_s")
     as_dict = OmegaConf.to_container(OmegaConf.structured(parallel), enum_to_str=True)
     written = {

@@ -11,6 +11,7 @@ whose layouts are facts, are scored under that software's constraints instead).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
@@ -22,6 +23,7 @@ from parallel.plan.estimate import Estimate, Estimator
 from parallel.plan.memory import USABLE_MEMORY_FRACTION
 from parallel.plan.software import Software
 from parallel.rules import (
+    CP_IMPLS,
     Problem,
     context_parallel_problem,
     engine_problem,
@@ -51,6 +53,8 @@ class FixedChoices:
     pp: Optional[int] = None
     vpp: Optional[int] = None
     cp: Optional[int] = None
+    # ring | allgather | ulysses (parallel/context.py); None: each is tried where cp > 1.
+    cp_impl: Optional[str] = None
     ep: Optional[int] = None
     dp_replicate: Optional[int] = None
     dp_shard: Optional[int] = None
@@ -74,7 +78,8 @@ class Constraints(FixedChoices):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"plan.{name}={value} must be >= 1 (or null to let the planner choose)")
-        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("dp_engine", DP_ENGINES)):
+        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("dp_engine", DP_ENGINES),
+                              ("cp_impl", CP_IMPLS)):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ConfigError(f"plan.{name}={value!r} is not one of {', '.join(allowed)}")
@@ -170,7 +175,7 @@ def meshes(model: ModelConfig, world: int, seq_len: int, global_batch: int, c: C
         rest = world // tp
         cps = [cp for cp in divisors(rest) if cp == c.cp or seq_len % (2 * cp) == 0 and seq_len // cp >= MIN_CP_CHUNK]
         if trainer_rules:
-            cps = [cp for cp in cps if context_parallel_problem(cp) is None]
+            cps = [cp for cp in cps if context_parallel_problem(model, cp, c.cp_impl or "ring", tp, seq_len) is None]
         for cp in _choices(c.cp, cps or [1]):
             pps = [p for p in divisors(rest // cp) if pipeline_problem(model, p, 1) is None]
             for pp in _choices(c.pp, pps):
@@ -209,17 +214,22 @@ def search(estimator: Estimator, world: int, constraints: Constraints = Constrai
     smallest = float("inf")
     c = constraints
     sp_options = [None] if c.sequence_parallel is None else [c.sequence_parallel]
+    if not estimator.software.sequence_parallel:
+        sp_options = [False]
     rules = estimator.software.trainer_rules
     for tp, cp, pp, dp in meshes(model, world, wl.seq_len, wl.global_batch, c, max_tp, rules):
         for dp_engine, zero_stage in _engines(c, estimator.software):
-            for dp_replicate, dp_shard in dp_splits(dp_engine, dp, tp * cp, domains, c):
+            # Megatron's data-parallel ranks (from which it carves expert parallelism) as one dp_shard dimension;
+            # its state handling is the Software's, not FSDP's.
+            splits = [(1, dp)] if estimator.software.megatron_states else dp_splits(dp_engine, dp, tp * cp, domains, c)
+            for dp_replicate, dp_shard in splits:
                 eps = [e for e in divisors(dp_shard) if expert_parallel_problem(model, e, dp_shard) is None]
                 for ep in _choices(c.ep, eps):
                     if rules and engine_problem(dp_engine, zero_stage, tp, pp, cp, ep, dp_replicate, dp) is not None:
                         continue
-                    for sequence_parallel in sp_options:
+                    for sequence_parallel, cp_impl in itertools.product(sp_options, _cp_impls(c, cp, rules)):
                         base = Layout(tp=tp, pp=pp, cp=cp, ep=ep, dp_replicate=dp_replicate, dp_shard=dp_shard,
-                                      dp_engine=dp_engine, zero_stage=zero_stage,
+                                      dp_engine=dp_engine, zero_stage=zero_stage, cp_impl=cp_impl,
                                       sequence_parallel=tp > 1 and sequence_parallel is not False)
                         floor = estimator.state_floor(base)
                         smallest = min(smallest, floor)
@@ -239,6 +249,14 @@ def search(estimator: Estimator, world: int, constraints: Constraints = Constrai
     return result
 
 
+def _cp_impls(c: Constraints, cp: int, trainer_rules: bool) -> list[str]:
+    """The context-parallel implementations to weigh: each of the trainer's where cp > 1 (other software's published
+    runs: ring, the one the time model knew before)."""
+    if cp == 1 or not trainer_rules:
+        return [c.cp_impl or "ring"]
+    return [c.cp_impl] if c.cp_impl else list(CP_IMPLS)
+
+
 def _micro_batches(estimator: Estimator, base: Layout, dp: int, c: Constraints, capacity: float
                    ) -> tuple[list[Estimate], int]:
     wl = estimator.workload
@@ -249,7 +267,8 @@ def _micro_batches(estimator: Estimator, base: Layout, dp: int, c: Constraints, 
         if _problem(layout, estimator) is not None:
             continue
         fitted = False
-        for recompute in ([c.recompute] if c.recompute else list(RECOMPUTE)):
+        modes = estimator.software.recompute_modes
+        for recompute in ([c.recompute] if c.recompute else [r for r in RECOMPUTE if r in modes]):
             candidate = layout.with_(recompute=recompute)
             memory = estimator.memory(candidate)
             evaluated += 1
@@ -267,7 +286,7 @@ def _problem(layout: Layout, estimator: Estimator) -> Optional[Problem]:
     the schedule model itself needs of the micro-batches."""
     wl = estimator.workload
     if estimator.software.trainer_rules:
-        return layout_problem(layout, wl.model, wl.global_batch)
+        return layout_problem(layout, wl.model, wl.global_batch, seq_len=wl.seq_len)
     return schedule_problem(layout.schedule, layout.pp, layout.vpp, layout.micro_batches(wl.global_batch))
 
 
@@ -275,7 +294,7 @@ def fixed_choice_problem(model: ModelConfig, c: FixedChoices) -> Optional[Proble
     """A degree the user fixed that the rules refuse whatever the others are, to name instead of finding nothing."""
     checks = (
         (c.tp is not None, lambda: tensor_parallel_problem(model, c.tp)),
-        (c.cp is not None, lambda: context_parallel_problem(c.cp)),
+        (c.cp is not None, lambda: context_parallel_problem(model, c.cp, c.cp_impl or "ring", c.tp or 1)),
         (c.pp is not None, lambda: pipeline_problem(model, c.pp, c.vpp or 1)),
         (c.ep is not None, lambda: expert_parallel_problem(model, c.ep, c.ep)),
     )

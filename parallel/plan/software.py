@@ -4,14 +4,17 @@ The planner plans for supertrain itself (`SUPERTRAIN`): FSDP2 / DDP / DeepSpeed 
 attention through SDPA, no dropout, DTensor tensor parallelism without communication overlap. The published runs we
 check against used Megatron-LM, whose behaviour in each era is a documented fact of the run, not a fitted constant:
 the 2021 runs (Narayanan et al.) had no flash attention (FlashAttention appeared in 2022), dropout 0.1 in GPT-3
-style models, fp16 gradients all-reduced after the backward pass; Megatron-Core 0.6 (2024) runs use flash attention,
+style models, fp16 gradients all-reduced after the backward pass; the 2022 runs (Korthikanti et al.) added sequence
+parallelism and selective recompute of the attention core; Megatron-Core 0.6 (2024) runs use flash attention,
 the distributed optimizer with fp32 gradient buffers, and no gradient-reduce overlap unless `--overlap-grad-reduce`.
+`plan.software=` (SOFTWARE_CHOICES) plans for any of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from configs.errors import ConfigError
 from models.kernels import kernels_for
 from parallel.layout import Layout
 
@@ -53,6 +56,18 @@ class Software:
     # Layouts must pass the trainer's rules (parallel/rules.py): true for supertrain, whose plans are run; false for
     # published runs of other software, whose layouts are facts to score, not plans.
     trainer_rules: bool = True
+    # Sequence parallelism exists (Megatron-LM gained it in 2022, Korthikanti et al.).
+    sequence_parallel: bool = True
+    # Under sequence parallelism the linear after a norm saves its all-gathered input (DTensor's SequenceParallel
+    # in supertrain); Megatron saves the sequence shard and gathers it again in the backward (Korthikanti et al.
+    # 2022 s4.2.2), so norms and their outputs cost 1/tp.
+    sp_saves_gathered_input: bool = True
+    # Recompute modes the software offers ("selective" is op-level in supertrain; in Megatron it recomputes the
+    # attention core: QK^T, softmax, dropout and AV, Korthikanti et al. 2022 s5).
+    recompute_modes: tuple[str, ...] = ("none", "selective", "full")
+    # Pipeline schedules the software runs (Megatron: 1F1B, interleaved with
+    # --virtual-pipeline-model-parallel-size / --num-layers-per-virtual-pipeline-stage).
+    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
 
     def fused_attention(self, qk_dim: int, v_dim: int) -> bool:
         return self.flash_attention and (qk_dim == v_dim or self.fused_unequal_head_dims)
@@ -65,17 +80,41 @@ SUPERTRAIN = Software("supertrain")
 SUPERTRAIN_CPU = Software("supertrain-cpu", overlap_grad_reduce=False, overlap_param_gather=False,
                           fused_unequal_head_dims=False, kernels="cpu",
                           native_cpu_kernels=kernels_for("cpu").native)
+MEGATRON_SCHEDULES = ("1f1b", "interleaved_1f1b")
+# Narayanan et al. 2021: no flash attention, dropout, fp16 gradients all-reduced after the backward, scatter/gather
+# pipeline sends; no sequence parallelism and no selective recompute yet.
 MEGATRON_2021 = Software(
     "megatron-lm 2021", flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=False, grad_reduce_bytes=2, megatron_states=True, scatter_gather_p2p=True,
-    tp_splits_experts=True, trainer_rules=False,
+    tp_splits_experts=True, trainer_rules=False, sequence_parallel=False, recompute_modes=("none", "full"),
+    schedules=MEGATRON_SCHEDULES,
 )
+# Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"): 2021's Megatron-LM plus
+# sequence parallelism and selective recompute of the attention core; still no flash attention.
+MEGATRON_2022 = Software(
+    "megatron-lm 2022", flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
+    distributed_optimizer=False, grad_reduce_bytes=2, megatron_states=True, scatter_gather_p2p=True,
+    tp_splits_experts=True, trainer_rules=False, sp_saves_gathered_input=False, schedules=MEGATRON_SCHEDULES,
+)
+# Megatron-Core 0.6 (2024), and MindSpeed-LLM on Ascend, which runs Megatron's training loop: flash attention,
+# sequence parallelism, the distributed optimizer, no gradient-reduce overlap unless --overlap-grad-reduce.
 MEGATRON_CORE = Software(
     "megatron-core 0.6", flash_attention=True, dropout=False, overlap_grad_reduce=False, overlap_param_gather=False,
     distributed_optimizer=True, grad_reduce_bytes=4, megatron_states=True, scatter_gather_p2p=True,
-    tp_splits_experts=True, trainer_rules=False,
+    tp_splits_experts=True, trainer_rules=False, sp_saves_gathered_input=False, schedules=MEGATRON_SCHEDULES,
 )
-SOFTWARE = {s.name: s for s in (SUPERTRAIN, SUPERTRAIN_CPU, MEGATRON_2021, MEGATRON_CORE)}
+SOFTWARE = {s.name: s for s in (SUPERTRAIN, SUPERTRAIN_CPU, MEGATRON_2021, MEGATRON_2022, MEGATRON_CORE)}
+# The names plan.software and the `software` column of a published-runs CSV take.
+SOFTWARE_CHOICES = {"supertrain": SUPERTRAIN, "megatron-core": MEGATRON_CORE, "megatron-lm-2021": MEGATRON_2021,
+                    "megatron-lm-2022": MEGATRON_2022}
+
+
+def software_named(name: str, host: bool = False) -> Software:
+    """The profile for a plan.software / CSV name; supertrain on CPU ranks (`host`) is its CPU profile."""
+    if name not in SOFTWARE_CHOICES:
+        raise ConfigError(f"software {name!r} is not one of {', '.join(SOFTWARE_CHOICES)}")
+    software = SOFTWARE_CHOICES[name]
+    return SUPERTRAIN_CPU if host and software is SUPERTRAIN else software
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,14 @@ def _attention_core(cfg: ModelConfig, shape: TokenShape, software: Software, dev
     the masked half of a causal sequence; unfused ones compute every score and stream the score matrix."""
     heads = cfg.n_heads / shape.tp
     fused = software.fused_attention(cfg.qk_head_dim, cfg.value_head_dim)
-    keys = shape.seq_len * (0.5 if fused else 1.0)
+    causal_skip = fused
+    if shape.cp > 1 and software.trainer_rules and shape.cp_impl != "ulysses":
+        # parallel/context.py: allgather runs SDPA with an explicit mask (no causal skipping), ring its own block
+        # attention in PyTorch (every score of every block, streamed through memory). Ulysses runs the device's
+        # causal kernel over the whole sequence.
+        causal_skip = False
+        fused = fused and shape.cp_impl == "allgather"
+    keys = shape.seq_len * (0.5 if causal_skip else 1.0)
     flops = 2 * shape.tokens * keys * heads * (cfg.qk_head_dim + cfg.value_head_dim)
     compute = flops / (device.peak_flops * device.matmul_efficiency)
     if fused:
@@ -194,6 +201,10 @@ def layer_cost(
     flops = attn_flops + core_flops + _ffn_flops(cfg, layer, shape, software.tp_splits_experts)
     if recompute == "full":
         recompute_time, recompute_flops = forward, flops
+    elif recompute == "selective" and not software.flash_attention:
+        # Megatron's selective recompute (Korthikanti et al. 2022): the attention core (QK^T, softmax, dropout,
+        # AV) runs again before its backward; the memory model keeps none of its seq x seq tensors.
+        recompute_time, recompute_flops = elementwise + core_forward, core_flops
     elif recompute == "selective":
         recompute_time, recompute_flops = elementwise, 0.0
     else:
@@ -223,17 +234,30 @@ def layer_cost(
             ep_forward = max(0.0, ep_forward - (forward - elementwise))
     ep_backward = ep_forward * (2 if recompute == "full" else 1)
 
-    # Context parallel: ring attention passes K and V (and their gradients going back) around the cp ranks,
-    # overlapped with the attention computed on the chunk already at hand.
+    # Context parallel (parallel/context.py). ring: K and V (and their gradients going back) pass around the cp
+    # ranks, overlapped with the attention computed on the chunk already at hand. allgather: one all-gather of K
+    # and V, a reduce-scatter of their gradients, neither overlapped. ulysses: all-to-alls of q, k, v in and the
+    # output back, and the same for their gradients.
     cp_forward = cp_backward = 0.0
     if cp > 1:
         if cfg.attention == AttentionKind.mla:
             kv_width = cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim) / t
+            q_width, out_width = cfg.n_heads * cfg.qk_head_dim / t, cfg.n_heads * cfg.value_head_dim / t
         else:
             kv_width = 2 * cfg.n_kv_heads * cfg.head_dim / t
-        ring = (cp - 1) * point_to_point(shape.tokens * kv_width * shape.act_bytes, links.cp)
-        cp_forward = max(0.0, ring - core_forward)
-        cp_backward = max(0.0, 2 * ring - core_backward) + (cp_forward if recompute == "full" else 0.0)
+            q_width = out_width = cfg.n_heads * cfg.head_dim / t
+        local_kv = shape.tokens * kv_width * shape.act_bytes
+        if shape.cp_impl == "allgather":
+            cp_forward = all_gather(cp * local_kv, cp, links.cp)
+            cp_backward = cp_forward * (2 if recompute == "full" else 1)  # the reduce-scatter costs the same
+        elif shape.cp_impl == "ulysses":
+            moved = shape.tokens * (q_width + out_width) * shape.act_bytes + local_kv
+            cp_forward = all_to_all(moved, cp, links.cp)
+            cp_backward = cp_forward * (2 if recompute == "full" else 1)
+        else:
+            ring = (cp - 1) * point_to_point(local_kv, links.cp)
+            cp_forward = max(0.0, ring - core_forward)
+            cp_backward = max(0.0, 2 * ring - core_backward) + (cp_forward if recompute == "full" else 0.0)
 
     return LayerCost(
         forward=forward, backward=backward, recompute=recompute_time, forward_flops=flops,

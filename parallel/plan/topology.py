@@ -56,6 +56,10 @@ class Cluster:
     tiers: tuple[LinkTier, ...]
     # Figures measured on this machine (CPU ranks), not taken from a datasheet.
     host: bool = False
+    # Device bytes each communicator (process group of more than one rank) holds for its lifetime: HCCL allocates
+    # an input and an output buffer of HCCL_BUFFSIZE MB per communicator; 0 where the library's buffers are small
+    # enough to live in the unplanned 10% (NCCL).
+    comm_buffer_bytes: float = 0.0
 
     @property
     def num_nodes(self) -> int:
@@ -111,6 +115,10 @@ class ClusterConfig:
     num_nodes: int = 1
     num_devices: int = 0
     tiers: list[TierFields] = field(default_factory=list)
+    # Ascend clusters: HCCL_BUFFSIZE in MB (CANN's default, and launch/recipes.py's setting, is 200). Every
+    # communicator a rank joins holds 2 x HCCL_BUFFSIZE of device memory (CANN environment variable reference,
+    # HCCL_BUFFSIZE); the planner counts it per process group of more than one rank. 0 = no such buffers (NCCL).
+    hccl_buffsize_mb: float = 0.0
 
 
 def build_cluster(cfg: ClusterConfig) -> Cluster:
@@ -144,7 +152,10 @@ def build_cluster(cfg: ClusterConfig) -> Cluster:
             f"cluster {cfg.name!r}: no tier spans cluster.num_devices={num_devices} (largest span {tiers[-1].span}): "
             f"lower num_devices or add a scale-out tier with span 0"
         )
-    return Cluster(cfg.name, device, devices_per_node, num_devices, tuple(tiers), host)
+    if cfg.hccl_buffsize_mb < 0:
+        raise ConfigError(f"cluster.hccl_buffsize_mb={cfg.hccl_buffsize_mb} must be >= 0")
+    return Cluster(cfg.name, device, devices_per_node, num_devices, tuple(tiers), host,
+                   2 * cfg.hccl_buffsize_mb * 2**20)
 
 
 def _device(cfg: DeviceFields, ranks_on_host: int) -> DeviceSpec:

@@ -63,7 +63,10 @@ def _torchrun(args: list[str], report: Path, nproc: int = 2, **env: str) -> subp
     ["parallel.pp=2", "train.eval_every=2", "train.eval_batches=1"],  # evaluation sends activations stage to stage
     ["parallel.tp=2", "parallel.sequence_parallel=true"],  # DTensor's collectives, the vocabulary-parallel loss
     ["model=tiny_moe", "parallel.ep=2"],  # token counts and tokens all-to-all, expert load summed over ranks
-], ids=["fsdp2", "pp2_eval", "tp2_sp", "ep2"])
+    ["parallel.cp=2"],  # ring attention: batched point-to-point K/V blocks and their gradients
+    ["parallel.cp=2", "parallel.cp_impl=allgather", "data.reset_attention_at_eod=true"],  # gather, reduce-scatter
+    ["parallel.cp=2", "parallel.cp_impl=ulysses"],  # all-to-all of heads and sequence
+], ids=["fsdp2", "pp2_eval", "tp2_sp", "ep2", "cp2_ring", "cp2_allgather_docs", "cp2_ulysses"])
 def test_training_hands_hccl_only_npu_tensors(layout: list[str], tmp_path: Path) -> None:
     result = _torchrun([*layout, "train.steps=2", f"run.dir={tmp_path / 'run'}"], tmp_path / "report")
     assert result.returncode == 0, result.stderr[-4000:]

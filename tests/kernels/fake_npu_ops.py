@@ -1,8 +1,11 @@
 """torch_npu's fused ops as a CPU stand-in, defined with the exact schemas of Ascend's op-plugin
 (op_plugin/config/op_plugin_functions.yaml, commit 517f2e7d of github.com/Ascend/op-plugin) so that every call the
 NPU backend makes is bound against the real signature, and computed by CPU references of each op's documented
-formula (op-plugin docs/zh/custom_APIs/torch_npu/*.md). Defined as CompositeImplicitAutograd, so backward comes from
-the references (torch_npu registers its own backward kernels; their numerics are not modelled here).
+formula (op-plugin docs/zh/custom_APIs/torch_npu/*.md), or of op-plugin's own tests where no doc page is mirrored.
+Ops torch_npu gives a backward (op_plugin/config/derivatives.yaml, or an AutogradPrivateUse1 kernel) are defined as
+CompositeImplicitAutograd, so backward comes from the references (torch_npu's backward kernels' numerics are not
+modelled); npu_grouped_matmul, which has none, is a CPU kernel without autograd, as on the NPU: the backend's own
+autograd wrapper is what differentiates it, and selective recompute sees it as one op.
 
 Importing this module registers the ops under torch.ops.npu once per process.
 """
@@ -24,8 +27,21 @@ SCHEMAS = {
         "int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0, bool gen_mask_parallel=True, "
         "bool sync=False, str softmax_layout=\"\", Tensor? sink=None, Tensor? dropout_mask=None, int seed=0, "
         "int offset=0) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)"),
+    "npu_grouped_matmul": (
+        "npu_grouped_matmul(Tensor[] x, Tensor[] weight, *, Tensor[]? bias=None, Tensor[]? scale=None, "
+        "Tensor[]? offset=None, Tensor[]? antiquant_scale=None, Tensor[]? antiquant_offset=None, "
+        "Tensor[]? per_token_scale=None, Tensor? group_list=None, Tensor[]? activation_input=None, "
+        "Tensor[]? activation_quant_scale=None, Tensor[]? activation_quant_offset=None, int? split_item=0, "
+        "int? group_type=None, int? group_list_type=0, int? act_type=0, int[]? tuning_config=None, "
+        "int? output_dtype=None, int? x_dtype=None, int? weight_dtype=None, int? scale_dtype=None, "
+        "int? per_token_scale_dtype=None) -> Tensor[]"),
+    "npu_moe_token_permute": ("npu_moe_token_permute(Tensor tokens, Tensor indices, int? num_out_tokens=None, "
+                              "bool padded_mode=False) -> (Tensor, Tensor)"),
+    "npu_moe_token_unpermute": ("npu_moe_token_unpermute(Tensor permuted_tokens, Tensor sorted_indices, "
+                                "Tensor? probs=None, bool padded_mode=False, int[]? restore_shape=None) -> Tensor"),
 }
 CALLS: list[str] = []  # op names, in the order the backend called them
+NO_BACKWARD = {"npu_grouped_matmul"}  # absent from op-plugin's derivatives.yaml
 
 
 def _rms_norm(x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +100,83 @@ def _fusion_attention(query, key, value, head_num, input_layout, pse=None, paddi
     return out, softmax_max, softmax_sum, torch.empty(0), seed, offset, 0
 
 
+def _grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
+                    per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
+                    activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
+                    tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
+                    per_token_scale_dtype=None):
+    """The unquantized single-tensor cases of docs/zh/custom_APIs/torch_npu/torch_npu-npu_grouped_matmul.md with a
+    Tensor group_list: group_type 0 (m-axis groups: x [M, K], weight [g, K, N], y [M, N]) and 2 (k-axis groups: x
+    [M, K] passed transposed, weight [K, N], y [g, M, N], as op-plugin's test_npu_grouped_matmul_6 calls it)."""
+    CALLS.append("npu_grouped_matmul")
+    if len(x) != 1 or len(weight) != 1 or split_item not in (2, 3):
+        raise RuntimeError("npu_grouped_matmul: one x, one weight and split_item 2 or 3 (one output tensor) expected")
+    if group_list is None or group_list.dim() != 1 or group_list.dtype != torch.int64 or group_list_type != 0:
+        raise RuntimeError("npu_grouped_matmul: a 1-D int64 group_list of cumulative sizes (group_list_type 0) "
+                           "expected")
+    if any(arg is not None for arg in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale)):
+        raise RuntimeError("npu_grouped_matmul: only the unquantized op without bias is modelled")
+    (a,), (b,) = x, weight
+    if a.dim() != 2 or a.dtype != b.dtype:
+        raise RuntimeError(f"npu_grouped_matmul: x {tuple(a.shape)} {a.dtype} against weight {b.dtype}")
+    ends = group_list.tolist()
+    if any(later < earlier for earlier, later in zip([0] + ends, ends)):
+        raise RuntimeError("npu_grouped_matmul: group_list must be non-decreasing")
+    starts = [0] + ends[:-1]
+    if group_type == 0:
+        if b.dim() != 3 or b.shape[0] != len(ends) or ends[-1] != a.shape[0] or b.shape[1] != a.shape[1]:
+            raise RuntimeError(f"npu_grouped_matmul: m-axis groups need weight [g, K, N] with g = len(group_list) "
+                               f"and group_list[-1] = x rows; got x {tuple(a.shape)}, weight {tuple(b.shape)}, "
+                               f"group_list {ends}")
+        if not a.is_contiguous():
+            raise RuntimeError("npu_grouped_matmul: x is not supported transposed")
+        if not (b.is_contiguous() or b.transpose(-1, -2).is_contiguous()):
+            raise RuntimeError("npu_grouped_matmul: weight must be contiguous or transposed")
+        return [torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip(starts, ends))])]
+    if group_type == 2:
+        if b.dim() != 2 or ends[-1] != a.shape[1] or b.shape[0] != a.shape[1]:
+            raise RuntimeError(f"npu_grouped_matmul: k-axis groups need x [M, K], weight [K, N] and group_list[-1] "
+                               f"= K; got x {tuple(a.shape)}, weight {tuple(b.shape)}, group_list {ends}")
+        if not a.t().is_contiguous() or not b.is_contiguous():
+            raise RuntimeError("npu_grouped_matmul: k-axis groups take x transposed and weight contiguous")
+        return [torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)])]
+    raise RuntimeError(f"npu_grouped_matmul: group_type {group_type} is not modelled (0 or 2)")
+
+
+def _moe_token_permute(tokens: torch.Tensor, indices: torch.Tensor, num_out_tokens: int | None = None,
+                       padded_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """op-plugin's test_npu_moe_token_permute_and_unpermute.py: rows sorted stably by expert; sorted_indices (int32)
+    is, per assignment, the row it went to (the inverse of the sort order)."""
+    CALLS.append("npu_moe_token_permute")
+    if padded_mode:
+        raise RuntimeError("npu_moe_token_permute: padded_mode is not modelled")
+    top_k = 1 if indices.dim() == 1 else indices.shape[1]
+    order = torch.argsort(indices.flatten(), stable=True)
+    wanted = num_out_tokens or 0
+    kept = min(wanted, order.numel()) if wanted > 0 else wanted + order.numel()
+    return tokens.index_select(0, order[:kept] // top_k), torch.argsort(order).to(torch.int32)
+
+
+def _moe_token_unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor,
+                         probs: torch.Tensor | None = None, padded_mode: bool = False,
+                         restore_shape: list[int] | None = None) -> torch.Tensor:
+    """Each token's rows (sorted_indices[token * k + slot]) summed, weighted by probs (tokens, k) when given."""
+    CALLS.append("npu_moe_token_unpermute")
+    if padded_mode:
+        raise RuntimeError("npu_moe_token_unpermute: padded_mode is not modelled")
+    if sorted_indices.dtype != torch.int32 or sorted_indices.numel() != permuted_tokens.shape[0]:
+        raise RuntimeError("npu_moe_token_unpermute: sorted_indices must be npu_moe_token_permute's int32 mapping, "
+                           "one per permuted row")
+    top_k = 1 if probs is None else probs.shape[1]
+    rows = permuted_tokens.index_select(0, sorted_indices.long()).view(-1, top_k, permuted_tokens.shape[-1])
+    if probs is not None:
+        rows = rows * probs.unsqueeze(-1)
+    return rows.sum(dim=1).to(permuted_tokens.dtype)  # the op's output dtype is the permuted tokens' (its tests)
+
+
 _IMPLEMENTATIONS = {"npu_rms_norm": _rms_norm, "npu_rotary_mul": _rotary_mul, "npu_swiglu": _swiglu,
-                    "npu_fusion_attention": _fusion_attention}
+                    "npu_fusion_attention": _fusion_attention, "npu_grouped_matmul": _grouped_matmul,
+                    "npu_moe_token_permute": _moe_token_permute, "npu_moe_token_unpermute": _moe_token_unpermute}
 
 
 def install() -> None:
@@ -95,7 +186,7 @@ def install() -> None:
     library = torch.library.Library("npu", "DEF")
     for name, schema in SCHEMAS.items():
         library.define(schema)
-        library.impl(name, _IMPLEMENTATIONS[name], "CompositeImplicitAutograd")
+        library.impl(name, _IMPLEMENTATIONS[name], "CPU" if name in NO_BACKWARD else "CompositeImplicitAutograd")
     _LIBRARIES.append(library)  # a Library unregisters its ops when collected
 
 

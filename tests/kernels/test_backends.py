@@ -51,7 +51,8 @@ def test_backend_model_equals_reference_forward_and_backward(backend: str, model
 
 def test_every_kernel_switched_off_is_the_reference_op() -> None:
     backend = kernels_for("cpu", enabled=[])
-    for method in ("linear", "project", "rms_norm", "swiglu", "apply_rope", "causal_attention", "grouped_mm"):
+    for method in ("linear", "project", "rms_norm", "swiglu", "apply_rope", "causal_attention", "grouped_mm",
+                   "permute_tokens", "unpermute_tokens"):
         assert getattr(backend, method).__func__ is getattr(type(REFERENCE), method), method
     on = kernels_for("cpu")
     assert on.rms_norm.__func__ is CpuKernels.rms_norm

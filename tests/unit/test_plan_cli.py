@@ -52,7 +52,9 @@ def test_plan_for_a_small_world_writes_a_config_train_accepts(tmp_path: Path, ca
     (["model=tiny", "cluster=local", "plan.seq_len=100000"], "plan.seq_len=100000"),
     (["model=tiny", "cluster=local", "cluster.num_devices=4", "plan.tp=8"], "no layout"),
     (["model=tiny", "cluster=local", "cluster.num_devices=4", "plan.tp=3"], "tp=3 does not divide n_heads=8"),
-    (["model=tiny", "cluster=local", "cluster.num_devices=4", "plan.cp=2"], "context parallelism is not implemented"),
+    (["model=tiny", "cluster=local", "cluster.num_devices=16", "plan.cp=16", "plan.cp_impl=ulysses"],
+     "do not split 16 ways"),
+    (["model=tiny", "cluster=local", "plan.cp_impl=spiral"], "plan.cp_impl='spiral'"),
     (["model=llama3_405b", "cluster=h100"], "cluster.num_devices="),
     (["model=tiny", "plan.bogus=1"], "bogus"),
 ])

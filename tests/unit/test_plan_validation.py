@@ -1,4 +1,5 @@
-"""Published training runs (parallel/plan/data/published_runs.csv): every row within 15% of its figure."""
+"""Published training runs (parallel/plan/data/published_runs.csv): every row within 15% of its figure, or within
+the tolerance its `tolerance` column documents."""
 
 from __future__ import annotations
 
@@ -19,4 +20,4 @@ def test_published_run_is_predicted_within_15_percent(row: dict[str, str]) -> No
     for degree in ("tp", "pp", "cp"):
         if row[degree]:
             assert getattr(layout, degree) == int(row[degree])
-    assert abs(check.error) <= 0.15, f"{row['id']}: predicted {check.predicted:.4g}, published {check.published}"
+    assert abs(check.error) <= check.tolerance(0.15), f"{row['id']}: predicted {check.predicted:.4g}, published {check.published}"

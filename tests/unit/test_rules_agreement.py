@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 
 from configs.errors import ConfigError
-from configs.schema import PP_SCHEDULES, DPEngine, ModelConfig, ParallelConfig, Precision, TrainConfig
+from configs.schema import (PP_SCHEDULES, ContextParallelImpl, DPEngine, ModelConfig, ParallelConfig, Precision,
+                            TrainConfig)
 from parallel.apply import pipeline_plan
 from parallel.dims import ParallelDims
 from parallel.layout import Layout
@@ -68,13 +69,15 @@ def _trainer_configs(model: ModelConfig, world: int):
         dp = dp_replicate * dp_shard
         pipelines = [("1f1b", 1)] if pp == 1 else [(s, v) for s in PP_SCHEDULES for v in (1, 2, 3, 4)]
         engines = [(DPEngine.fsdp, 1), (DPEngine.ddp, 1)] + [(DPEngine.deepspeed, z) for z in (1, 2, 3)]
-        for (schedule, vpp), (engine, zero), ep, sp, micro_batch in itertools.product(
-                pipelines, engines, divisors(dp_shard), (False, True) if tp > 1 else (False,), divisors(GLOBAL_BATCH)):
+        impls = ("ring", "allgather", "ulysses") if cp > 1 else ("ring",)
+        for (schedule, vpp), (engine, zero), ep, sp, micro_batch, cp_impl in itertools.product(
+                pipelines, engines, divisors(dp_shard), (False, True) if tp > 1 else (False,), divisors(GLOBAL_BATCH),
+                impls):
             if GLOBAL_BATCH % (dp * micro_batch):
                 continue
             parallel = ParallelConfig(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp, vpp=vpp,
                                       ep=ep, dp_engine=engine, zero_stage=zero, sequence_parallel=sp,
-                                      pp_schedule=schedule)
+                                      pp_schedule=schedule, cp_impl=ContextParallelImpl(cp_impl))
             yield parallel, micro_batch
 
 
@@ -107,7 +110,8 @@ def test_planner_and_trainer_accept_the_same_layouts(name: str, world: int) -> N
             continue
         accepted += 1
         layout = Layout.of(parallel, parallel.dp_shard, micro_batch).canonical()
-        fixed = {key: getattr(layout, key) for key in ("tp", "pp", "vpp", "cp", "ep", "dp_replicate", "dp_shard",
+        fixed = {key: getattr(layout, key) for key in ("tp", "pp", "vpp", "cp", "cp_impl", "ep", "dp_replicate",
+                                                      "dp_shard",
                                                       "micro_batch", "recompute", "dp_engine", "zero_stage",
                                                       "sequence_parallel")}
         found = search(estimator, world, Constraints(schedule=layout.schedule, **fixed), keep=0).ranked

@@ -22,7 +22,7 @@ def test_avx2_build_matches_aten():
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.startswith("fused AVX2 kernels"), probe.stdout
     checks = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_cpu_native.py",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/cpu/test_cpu_native.py",
          "-k", "matches or rotates or side_by_side or equal_the_aten_route"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

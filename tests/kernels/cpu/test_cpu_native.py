@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (models/cpu_native.py): same values and gradients as ATen's ops, where they are taken, and
-what happens when they cannot be built."""
+"""The C++ CPU kernels (models/kernels/cpu/native.py, csrc/): same values and gradients as ATen's ops, where they are
+taken, and what happens when they cannot be built."""
 
 import logging
 
