@@ -288,6 +288,24 @@ def _block_mask(keys: Visibility, block: int, length: int) -> torch.Tensor:
     return part.mask()[:, :, None]
 
 
+def _region(keys: Visibility, rank: int, block: int, length: int) -> tuple[slice, slice, Optional[torch.Tensor]]:
+    """Which local queries (rows) see which keys (cols) of rank `block`'s block, and the mask within them (None:
+    all visible). With one document per sequence the load-balanced chunks decide it without looking: an earlier
+    rank's block is seen only through its early chunk, wholly, by every local query; a later rank's block wholly, by
+    the local late chunk only. Half a block of work off the diagonal, no mask. Otherwise the whole block, masked."""
+    if keys.k_documents is None and block != rank:
+        half = length // 2
+        if block < rank:
+            return slice(None), slice(0, half), None
+        return slice(half, None), slice(None), None
+    return slice(None), slice(None), _block_mask(keys, block, length)
+
+
+def _grad_views(grads: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k and v gradient halves of one packed buffer, shaped like k and v."""
+    return grads[: k.numel()].view(k.shape), grads[k.numel():].view(v.shape)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Visibility,  # type: ignore[override]
@@ -296,21 +314,23 @@ class _RingAttention(torch.autograd.Function):
         kv_heads, length = k.shape[2], k.shape[1]
         scale = q.shape[-1] ** -0.5
         qg = _grouped(q, kv_heads)
-        out = lse = None
+        out = lse = torch.empty(0)
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         for step in range(ring.size):
             if step < ring.size - 1:
                 incoming, works = ring.start(packed)
             kb, vb = packed[: k.numel()].view_as(k), packed[k.numel():].view_as(v)
             block = (ring.rank - step) % ring.size
-            mask = _block_mask(keys, block, length)
-            part, part_lse = _attend_block(qg, _kv_major(kb), _kv_major(vb), mask, scale)
-            if out is None:  # our own block comes first: every query sees at least itself there
+            rows, cols, mask = _region(keys, ring.rank, block, length)
+            part, part_lse = _attend_block(qg[..., rows, :], _kv_major(kb)[..., cols, :],
+                                           _kv_major(vb)[..., cols, :], mask, scale)
+            if step == 0:  # our own block comes first: every query sees at least itself there
                 out, lse = part, part_lse
             else:
-                merged = torch.logaddexp(lse, part_lse)
-                out = out * torch.exp(lse - merged) + part * torch.exp(part_lse - merged)
-                lse = merged
+                old = lse[..., rows, :]
+                merged = torch.logaddexp(old, part_lse)
+                out[..., rows, :] = out[..., rows, :] * torch.exp(old - merged) + part * torch.exp(part_lse - merged)
+                lse[..., rows, :] = merged
             if step < ring.size - 1:
                 _Ring.finish(works)
                 packed = incoming
@@ -334,15 +354,18 @@ class _RingAttention(torch.autograd.Function):
                 incoming, works = ring.start(packed)
             kb, vb = packed[: k.numel()].view_as(k), packed[k.numel():].view_as(v)
             block = (ring.rank - step) % ring.size
-            mask = _block_mask(ctx.keys, block, length)
-            kf, vf = _kv_major(kb), _kv_major(vb)
-            scores = (qg @ kf.transpose(-1, -2)) * ctx.scale
-            p = torch.exp(scores.masked_fill(~mask, float("-inf")) - lse)
-            dv = (p.transpose(-1, -2) @ dog).sum(2)  # (batch, kv_heads, len, v_dim)
-            ds = p * (dog @ vf.transpose(-1, -2) - delta)
-            dq += (ds @ kf) * ctx.scale
-            dk = (ds.transpose(-1, -2) @ qg).sum(2) * ctx.scale
-            grads += torch.cat([dk.permute(0, 2, 1, 3).reshape(-1), dv.permute(0, 2, 1, 3).reshape(-1)])
+            rows, cols, mask = _region(ctx.keys, ring.rank, block, length)
+            q_rows, do_rows = qg[..., rows, :], dog[..., rows, :]
+            kf, vf = _kv_major(kb)[..., cols, :], _kv_major(vb)[..., cols, :]
+            scores = (q_rows @ kf.transpose(-1, -2)) * ctx.scale
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            p = torch.exp(scores - lse[..., rows, :])
+            ds = p * (do_rows @ vf.transpose(-1, -2) - delta[..., rows, :])
+            dq[..., rows, :] += (ds @ kf) * ctx.scale
+            dk_block, dv_block = _grad_views(grads, k, v)
+            dk_block[:, cols] += ((ds.transpose(-1, -2) @ q_rows).sum(2) * ctx.scale).transpose(1, 2)
+            dv_block[:, cols] += (p.transpose(-1, -2) @ do_rows).sum(2).transpose(1, 2)
             # These gradients belong to block `block`, which the next rank works on in the next step.
             if step < ring.size - 1:
                 grads_in, grad_works = ring.start(grads)
@@ -351,16 +374,17 @@ class _RingAttention(torch.autograd.Function):
         # The gradients in hand now are complete for the next rank's block: send them home.
         mine, works = ring.start(grads)
         _Ring.finish(works)
-        dk = mine[: k.numel()].view(k.shape).to(k.dtype)
-        dv = mine[k.numel():].view(v.shape).to(v.dtype)
-        return _ungrouped(dq).to(q.dtype), dk, dv, None, None
+        dk, dv = _grad_views(mine, k, v)
+        return _ungrouped(dq).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def _attend_block(qg: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask: torch.Tensor,
+def _attend_block(qg: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask: Optional[torch.Tensor],
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of grouped queries over one block of keys: (output, log-sum-exp), fp32; a query that sees
-    none of the block gets output 0 and log-sum-exp -inf (it weighs nothing when merged)."""
-    scores = ((qg @ kf.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    """Softmax attention of grouped queries over one block of keys: (output, log-sum-exp), accumulating dtype; a
+    query that sees none of the block gets output 0 and log-sum-exp -inf (it weighs nothing when merged)."""
+    scores = (qg @ kf.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     p = torch.exp(scores - top)

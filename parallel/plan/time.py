@@ -104,19 +104,19 @@ def _attention_core(cfg: ModelConfig, shape: TokenShape, software: Software, dev
     the masked half of a causal sequence; unfused ones compute every score and stream the score matrix."""
     heads = cfg.n_heads / shape.tp
     fused = software.fused_attention(cfg.qk_head_dim, cfg.value_head_dim)
-    causal_skip = fused
+    keys = shape.seq_len * (0.5 if fused else 1.0)
     if shape.cp > 1 and software.trainer_rules and shape.cp_impl != "ulysses":
-        # parallel/context.py: allgather runs SDPA with an explicit mask (no causal skipping), ring its own block
-        # attention in PyTorch (every score of every block, streamed through memory). Ulysses runs the device's
-        # causal kernel over the whole sequence.
-        causal_skip = False
+        # parallel/context.py. allgather: SDPA with an explicit mask, every score computed. ring: its own block
+        # attention in PyTorch, scores streamed through memory; its own block whole and masked, half of each other
+        # rank's (the load-balanced chunks see it wholly or not at all). Ulysses runs the device's causal kernel.
+        local = shape.seq_len / shape.cp
+        keys = shape.seq_len if shape.cp_impl == "allgather" else local * (shape.cp + 1) / 2
         fused = fused and shape.cp_impl == "allgather"
-    keys = shape.seq_len * (0.5 if causal_skip else 1.0)
     flops = 2 * shape.tokens * keys * heads * (cfg.qk_head_dim + cfg.value_head_dim)
     compute = flops / (device.peak_flops * device.matmul_efficiency)
     if fused:
         return compute, BACKWARD_FACTOR * 1.25 * compute, flops
-    scores = shape.tokens * shape.seq_len * heads
+    scores = shape.tokens * keys * heads
     forward = max(compute, scores * UNFUSED_SCORE_BYTES_FORWARD / stream_rate(device))
     backward = max(BACKWARD_FACTOR * compute, scores * UNFUSED_SCORE_BYTES_BACKWARD / stream_rate(device))
     return forward, backward, flops
