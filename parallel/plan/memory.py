@@ -157,7 +157,8 @@ COMMUNICATOR_GROUPS: dict[str, tuple[str, ...]] = {
     "tp": ("tp",), "cp": ("cp",), "ep": ("ep",), "efsdp": ("efsdp",), "dp_replicate": ("dp_replicate",),
     "pp": ("pp",), "dp_shard": ("efsdp", "ep"), "dp": ("dp_replicate", "efsdp", "ep"),
     "dp_shard_cp": ("efsdp", "ep", "cp"), "dp_cp": ("dp_replicate", "efsdp", "ep", "cp"),
-    "pp_dp": ("pp", "dp_replicate", "efsdp", "ep"), "world": ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp"),
+    "pp_dp": ("pp", "dp_replicate", "efsdp", "ep"), "pp_dp_cp": ("pp", "dp_replicate", "efsdp", "ep", "cp"),
+    "world": ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp"),
 }
 
 
@@ -167,17 +168,13 @@ def communicator_groups(layout: Layout) -> list[str]:
     COMMUNICATOR_GROUPS order). Each holds a communicator, and on HCCL its buffers."""
     sizes = {"tp": layout.tp, "cp": layout.cp, "ep": layout.ep, "efsdp": layout.dp_shard // layout.ep,
              "dp_replicate": layout.dp_replicate, "pp": layout.pp}
-    strides, stride = {}, 1
-    for dim in ("tp", "cp", "ep", "efsdp", "dp_replicate", "pp"):  # MESH_DIMS, innermost first
-        strides[dim] = stride
-        stride *= sizes[dim]
+    # A group's ranks are fixed by the mesh dimensions of more than one rank it spans: two groups spanning the same
+    # such dimensions are the same set of ranks (no rank sets built: the world can be 768 ranks).
     seen, names = set(), []
     for name, dims in COMMUNICATOR_GROUPS.items():
-        ranks = {0}
-        for dim in dims:
-            ranks = {r + k * strides[dim] for r in ranks for k in range(sizes[dim])}
-        if len(ranks) > 1 and frozenset(ranks) not in seen:
-            seen.add(frozenset(ranks))
+        spanned = frozenset(dim for dim in dims if sizes[dim] > 1)
+        if spanned and spanned not in seen:
+            seen.add(spanned)
             names.append(name)
     return names
 

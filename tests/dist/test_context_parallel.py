@@ -4,9 +4,9 @@ Attention alone: each implementation's output and q, k, v gradients on a rank's 
 whole sequence in one process (fp64, 1e-10), for grouped-query heads, MLA-like widths and packed documents.
 
 Training: per-step loss and gradient norm equal the single-process run (fp32, 1e-5) for cp=2 and cp=4 with each
-implementation, cp=2 x fsdp 2, cp=2 x tp 2 (+SP), cp=2 x pp 2 and tiny_moe at cp=2 x ep 2, with and without
-document masks (data.reset_attention_at_eod, which the single-process reference applies too). A checkpoint saved
-at cp=4 continues at cp=2 with the losses of the unchanged run (DCP reshards; the data position is global).
+implementation (and with selective and full recompute), cp=2 x fsdp 2, cp=2 x tp 2 (+SP), cp=2 x pp 2 and tiny_moe
+at cp=2 x ep 2, with and without document masks (data.reset_attention_at_eod, which the single-process reference
+applies too). A checkpoint saved at cp=4 continues at cp=2 with the losses of the unchanged run (DCP reshards; the data position is global).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def test_attention_equals_one_process(impl, cp, shape):
 # ---- training ---------------------------------------------------------------------------------------------------
 
 DENSE_2 = {f"cp2_{impl}": ["parallel.cp=2", f"parallel.cp_impl={impl}"] for impl in IMPLS}
+# Recompute runs the exchanges again in backward, in the same order on every rank.
+RECOMPUTED_2 = {"cp2_ring_selective": ["parallel.cp=2", "parallel.recompute=selective"],
+                "cp2_ulysses_full": ["parallel.cp=2", "parallel.cp_impl=ulysses", "parallel.recompute=full"]}
 DENSE_4 = {
     **{f"cp4_{impl}": ["parallel.cp=4", f"parallel.cp_impl={impl}"] for impl in IMPLS},
     "cp2_fsdp2": ["parallel.cp=2", "parallel.dp_shard=2"],
@@ -93,7 +96,8 @@ def references(base, corpus) -> dict:
 def runs(base, corpus) -> dict:
     dense = DENSE
     groups = [
-        (2, {**{n: [*dense, *l] for n, l in DENSE_2.items()}, **{n: [*dense, *l, *corpus] for n, l in DOCS_2.items()}}),
+        (2, {**{n: [*dense, *l] for n, l in {**DENSE_2, **RECOMPUTED_2}.items()},
+             **{n: [*dense, *l, *corpus] for n, l in DOCS_2.items()}}),
         (4, {**{n: [*dense, *l] for n, l in DENSE_4.items()}, **{n: [*dense, *l, *corpus] for n, l in DOCS_4.items()},
              **{n: [*MOE, *l] for n, l in MOE_4.items()}, "moe_docs_cp2_ep2": [*MOE, *MOE_4["moe_cp2_ep2"], *corpus]}),
     ]
@@ -118,7 +122,7 @@ def _reference_of(name: str) -> str:
     return {(False, False): "dense", (False, True): "docs", (True, False): "moe", (True, True): "moe_docs"}[moe, docs]
 
 
-ALL = [*DENSE_2, *DENSE_4, *DOCS_2, *DOCS_4, *MOE_4, "moe_docs_cp2_ep2"]
+ALL = [*DENSE_2, *RECOMPUTED_2, *DENSE_4, *DOCS_2, *DOCS_4, *MOE_4, "moe_docs_cp2_ep2"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -6,7 +6,8 @@ checks the device kind, which chose this backend once."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,16 +24,23 @@ from models.kernels.reference import (AttentionMemory, MatmulKernel, ReferenceKe
                                       native_grouped_mm)
 
 
-@torch.compiler.disable
-def _blocked_attention_outside_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """A graph break under torch.compile, a plain call in eager mode. The C++ kernel rotates q and k and reads
-    shared kv heads in place; the Python one needs them rotated and expanded."""
+    """The C++ kernel rotates q and k and reads shared kv heads in place; the Python one needs them rotated and
+    expanded."""
     if cpu_native.native_applies(q, k, v):
         return cpu_native.causal_attention(q, k, v, QUERY_BLOCK, rope)
     if rope is not None:
         q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
     return blocked_causal_attention(q, *ops.expand_kv_heads(q, k, v))
+
+
+@functools.cache
+def _outside_graph() -> Any:
+    """`_blocked_attention` as a graph break under torch.compile. Made on first use under compilation: wrapping it
+    when this module loads would import TorchDynamo (about 2 s) into every process that merely names the backend,
+    the planner's included."""
+    return torch.compiler.disable(_blocked_attention)
 
 
 class CpuKernels(ReferenceKernels):
@@ -69,7 +77,9 @@ class CpuKernels(ReferenceKernels):
         faster there than ATen's CPU flash kernel; under torch.compile it still runs, eagerly, between two compiled
         graphs. Everything else goes to SDPA."""
         if blocked_attention_applies(q, k, v):
-            return _blocked_attention_outside_graph(q, k, v, rope)
+            if torch.compiler.is_compiling():
+                return _outside_graph()(q, k, v, rope)
+            return _blocked_attention(q, k, v, rope)
         return super().causal_attention(q, k, v, rope)
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
