@@ -1,4 +1,4 @@
-"""Importing a Hugging Face checkpoint under tp=2, pp=2, ep=2 and fsdp=2 on real gloo ranks: every rank reads only
+"""Importing a Hugging Face checkpoint under tp=2, pp=2, ep=2, fsdp=2 and cp=2 on real gloo ranks: every rank reads only
 its blocks, the weights the ranks hold together are exactly the single-process import's, and the loss of one
 global batch equals transformers' within 1e-5 (fp32)."""
 
@@ -20,7 +20,7 @@ from train.hf.files import SafetensorsFolder  # noqa: E402
 pytestmark = pytest.mark.slow
 
 LAYOUTS = {"fsdp2": ["parallel.dp_shard=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"],
-           "ep2": ["parallel.ep=2"]}
+           "ep2": ["parallel.ep=2"], "cp2": ["parallel.cp=2"]}
 MOE = {"qwen3_moe", "mixtral", "deepseek_v3"}
 
 
