@@ -6,7 +6,8 @@
     swiglu            npu_swiglu(cat(gate, up), dim=-1): swish of the first half times the second
     attention         npu_fusion_attention in BSND with the kv heads as they are (grouped-query read in place),
                       causal through sparse_mode=2 and its 2048 x 2048 upper-triangular mask, query/key width
-                      above the value's (MLA) allowed
+                      above the value's (MLA) allowed; masked attention (packed documents, context-parallel
+                      chunks) with sparse_mode=0 and a (batch, 1, Sq, Skv) bool mask, True = hidden
     grouped_mm        npu_grouped_matmul([x], [w], group_list=cumsum(counts), group_type=0, split_item=3) for the
                       routed experts, in an autograd wrapper (torch_npu registers no backward for it): grad_x is the
                       same m-axis product against w transposed, grad_w one k-axis product (group_type=2). The
@@ -37,8 +38,9 @@ import torch
 
 from launch.device import NPU
 from models import ops
-from models.kernels.cuda import gqa_attention
+from models.kernels.cuda import gqa_attention, gqa_masked_attention
 from models.kernels.reference import KERNELS, ReferenceKernels
+from models.visibility import Visibility
 
 log = logging.getLogger("supertrain")
 
@@ -103,6 +105,7 @@ class NpuKernels(ReferenceKernels):
             self.apply_rope = ops.rope_real  # type: ignore[method-assign]
         if "attention" not in usable:
             self.causal_attention = self._sdpa_attention  # type: ignore[method-assign]
+            self.masked_attention = gqa_masked_attention  # type: ignore[method-assign]
         # The token permutation has its own ops: bound by whether they are here, whatever became of the matmul.
         routing = NpuKernels if "token_permute" in self._ops else ReferenceKernels
         self.permute_tokens = routing.permute_tokens.__get__(self)  # type: ignore[method-assign]
@@ -117,7 +120,11 @@ class NpuKernels(ReferenceKernels):
 
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (batch, seq, heads, dim): cos and sin per pair, repeated over the pair's two elements, as (1, S, 1, D).
-        The op documents r1 and r2 in [-1, 1]: YaRN's attention factor is 1 for DeepSeek-V3 (mscale = mscale_all_dim)."""
+        The op documents r1 and r2 in [-1, 1]: YaRN's attention factor is 1 for DeepSeek-V3 (mscale = mscale_all_dim).
+        Per-sequence tables (packed documents: positions differ between sequences) would be BS1D, which its
+        interleave mode does not take: those rotate in plain ops."""
+        if cos.dim() == 3:
+            return ops.rope_real(x, cos, sin)
         r1 = cos.repeat_interleave(2, dim=-1)[None, :, None, :].to(x.dtype)
         r2 = sin.repeat_interleave(2, dim=-1)[None, :, None, :].to(x.dtype)
         return self._ops["rope"](x, r1, r2, "interleave")
@@ -164,6 +171,14 @@ class NpuKernels(ReferenceKernels):
         out = self._ops["attention"](q.contiguous(), k.contiguous(), v.contiguous(), q.shape[2], "BSND",
                                      atten_mask=self._causal_mask(q.device), scale=q.shape[-1] ** -0.5,
                                      sparse_mode=2)
+        return out[0]
+
+    def masked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visibility) -> torch.Tensor:
+        """npu_fusion_attention with an explicit mask (packed documents, context-parallel chunks): sparse_mode 0,
+        atten_mask (batch, 1, Sq, Skv) True where a key is hidden, as the op documents; every query sees at least
+        itself, so no row is fully masked (which the op does not take)."""
+        out = self._ops["attention"](q.contiguous(), k.contiguous(), v.contiguous(), q.shape[2], "BSND",
+                                     atten_mask=~visible.mask(), scale=q.shape[-1] ** -0.5, sparse_mode=0)
         return out[0]
 
     def _sdpa_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -124,7 +124,7 @@ class ReferenceKernels:
 # Which methods each switch of `device.fused` turns back to the reference.
 _METHODS: dict[str, tuple[str, ...]] = {
     "linear": ("linear", "project"), "rms_norm": ("rms_norm",), "swiglu": ("swiglu",), "rope": ("apply_rope",),
-    "attention": ("causal_attention",), "grouped_mm": ("grouped_mm", "permute_tokens", "unpermute_tokens"),
+    "attention": ("causal_attention", "masked_attention"), "grouped_mm": ("grouped_mm", "permute_tokens", "unpermute_tokens"),
 }
 
 REFERENCE = ReferenceKernels()

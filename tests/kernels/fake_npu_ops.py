@@ -57,6 +57,9 @@ def _rotary_mul(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode
         first, second = x.chunk(2, dim=-1)
         rotated = torch.cat((-second, first), dim=-1)
     elif rotary_mode == "interleave":
+        # BSND input: the op's interleave mode takes r1 and r2 as 1S1D only.
+        if r1.dim() != 4 or r1.shape[0] != 1 or r1.shape[2] != 1 or r1.shape[1] != x.shape[1]:
+            raise RuntimeError(f"npu_rotary_mul: interleave takes 1S1D r1/r2, got {tuple(r1.shape)}")
         rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
     else:
         raise RuntimeError(f"npu_rotary_mul: rotary_mode {rotary_mode!r} is not half or interleave")
@@ -93,6 +96,14 @@ def _fusion_attention(query, key, value, head_num, input_layout, pse=None, paddi
     if sparse_mode == 2:
         scores = scores.masked_fill(torch.ones(seq_q, seq_k, dtype=torch.bool).triu(1), float("-inf"))
     elif atten_mask is not None:
+        # The op takes BNSS, B1SS, 11SS or SS masks of bool or uint8 (1 = hidden), and no row hidden wholly.
+        batch, heads = query.shape[0], head_num
+        shapes = {(batch, heads, seq_q, seq_k), (batch, 1, seq_q, seq_k), (1, 1, seq_q, seq_k), (seq_q, seq_k)}
+        if tuple(atten_mask.shape) not in shapes or atten_mask.dtype not in (torch.bool, torch.uint8):
+            raise RuntimeError(f"npu_fusion_attention: atten_mask {tuple(atten_mask.shape)} {atten_mask.dtype} is not "
+                               f"a BNSS/B1SS/11SS/SS bool or uint8 mask for Sq={seq_q}, Skv={seq_k}")
+        if atten_mask.bool().all(-1).any():
+            raise RuntimeError("npu_fusion_attention: atten_mask hides every key of a row")
         scores = scores.masked_fill(atten_mask.bool(), float("-inf"))
     softmax_max = scores.amax(-1, keepdim=True)
     softmax_sum = (scores - softmax_max).exp().sum(-1, keepdim=True)

@@ -49,9 +49,34 @@ def test_backend_model_equals_reference_forward_and_backward(backend: str, model
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _masked_logits_and_grads(overrides: list[str], kernels) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Packed documents (positions restarting, attention kept within each): the backends' masked attention."""
+    from parallel.context import document_positions
+
+    cfg = load_config(overrides).model
+    model = materialize(build_model(cfg, kernels=kernels), cfg, torch.device("cpu"), seed=0)
+    tokens = torch.randint(0, 6, (2, 64), generator=torch.Generator().manual_seed(0))  # id 0 ends documents
+    positions, documents = document_positions(tokens, 0)
+    logits = model(tokens, positions, documents)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model", ["gqa", "mla_moe"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_masked_attention_equals_reference(backend: str, model: str) -> None:
+    overrides, _ = MODELS[model]
+    want_logits, want_grads = _masked_logits_and_grads(overrides, REFERENCE)
+    got_logits, got_grads = _masked_logits_and_grads(overrides, BACKENDS[backend]())
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_every_kernel_switched_off_is_the_reference_op() -> None:
     backend = kernels_for("cpu", enabled=[])
-    for method in ("linear", "project", "rms_norm", "swiglu", "apply_rope", "causal_attention", "grouped_mm",
+    for method in ("linear", "project", "rms_norm", "swiglu", "apply_rope", "causal_attention", "masked_attention",
+                   "grouped_mm",
                    "permute_tokens", "unpermute_tokens"):
         assert getattr(backend, method).__func__ is getattr(type(REFERENCE), method), method
     on = kernels_for("cpu")
