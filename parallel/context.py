@@ -10,13 +10,14 @@ How attention reaches the other shares (`parallel.cp_impl`), each an autograd-aw
 
     ring       keys and values travel around the ring in cp - 1 steps, each overlapped with one block of attention;
                partial results merge by their log-sum-exp (online softmax). Backward sends them round again with
-               their gradients. Holds one extra block at a time: memory 1/cp, any head count.
+               their gradients. Holds one extra block at a time: memory 1/cp, any head count. The block attention
+               is PyTorch math (any device); off the diagonal it computes only the half block the chunks can see.
     allgather  all-gather keys and values (Llama 3's choice), attend with the local queries; backward
                reduce-scatters their gradients. Simple and one collective per layer, but every rank holds the whole
                sequence's keys and values (cheap for grouped-query attention's few kv heads, not for MLA's).
     ulysses    all-to-all from sequence shards to head shards, attention over the whole sequence for heads / cp
                heads (the device's own fused causal kernel, after putting positions back in order), all-to-all back.
-               Two all-to-alls per layer each way: made for an all-to-all fabric (the Unified Bus, NVLink);
+               All-to-alls of q, k, v and the output, each way: made for an all-to-all fabric (the Unified Bus, NVLink);
                needs heads per tensor-parallel rank divisible by cp (grouped kv heads are repeated up to cp).
 
 Every rank of a cp group reads the same sequences (they share a data-parallel index); `BatchSplit` takes this
@@ -183,7 +184,8 @@ def _gather_visibility(visible: Visibility, group: dist.ProcessGroup, size: int)
     local = torch.stack(parts).contiguous()  # (1 or 2, batch, len)
     gathered = torch.empty((size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
     _all_gather(gathered, local, group=group)
-    every = gathered.view(size, *local.shape).permute(1, 2, 0, 3).flatten(2)  # (1 or 2, batch, size * len), rank-major along the sequence
+    # (1 or 2, batch, size * len): rank-major along the sequence
+    every = gathered.view(size, *local.shape).permute(1, 2, 0, 3).flatten(2)
     documents = every[1] if visible.q_documents is not None else None
     return Visibility(visible.q_positions, every[0], visible.q_documents, documents)
 

@@ -6,7 +6,8 @@ whole sequence in one process (fp64, 1e-10), for grouped-query heads, MLA-like w
 Training: per-step loss and gradient norm equal the single-process run (fp32, 1e-5) for cp=2 and cp=4 with each
 implementation (and with selective and full recompute), cp=2 x fsdp 2, cp=2 x tp 2 (+SP), cp=2 x pp 2 and tiny_moe
 at cp=2 x ep 2, with and without document masks (data.reset_attention_at_eod, which the single-process reference
-applies too). A checkpoint saved at cp=4 continues at cp=2 with the losses of the unchanged run (DCP reshards; the data position is global).
+applies too). A checkpoint saved at cp=4 continues at cp=2 with the losses of the unchanged run (DCP reshards; the
+data position is global).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ DENSE_4 = {
 }
 # Document masks: every implementation at cp=2, and the compositions that cut the batch differently.
 DOCS_2 = {f"docs_{name}": layout for name, layout in DENSE_2.items()}
-DOCS_4 = {f"docs_{name}": DENSE_4[name] for name in ("cp4_ring", "cp2_fsdp2", "cp2_tp2_sp_ulysses", "cp2_pp2_allgather")}
+DOCS_4 = {f"docs_{name}": DENSE_4[name]
+          for name in ("cp4_ring", "cp2_fsdp2", "cp2_tp2_sp_ulysses", "cp2_pp2_allgather")}
 MOE_4 = {"moe_cp2_ep2": ["parallel.cp=2", "parallel.ep=2"],
          "moe_cp2_ep2_ulysses": ["parallel.cp=2", "parallel.ep=2", "parallel.cp_impl=ulysses"]}
 
