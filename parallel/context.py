@@ -11,7 +11,8 @@ How attention reaches the other shares (`parallel.cp_impl`), each an autograd-aw
     ring       keys and values travel around the ring in cp - 1 steps, each overlapped with one block of attention;
                partial results merge by their log-sum-exp (online softmax). Backward sends them round again with
                their gradients. Holds one extra block at a time: memory 1/cp, any head count. The block attention
-               is PyTorch math (any device); off the diagonal it computes only the half block the chunks can see.
+               is PyTorch math (any device), queries cut into chunks so that at most SCORE_BUDGET scores exist at
+               once; off the diagonal it computes only the half block the chunks can see.
     allgather  all-gather keys and values (Llama 3's choice), attend with the local queries; backward
                reduce-scatters their gradients. Simple and one collective per layer, but every rank holds the whole
                sequence's keys and values (cheap for grouped-query attention's few kv heads, not for MLA's).
@@ -308,6 +309,17 @@ def _grad_views(grads: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     return grads[: k.numel()].view(k.shape), grads[k.numel():].view(v.shape)
 
 
+# Scores one block step materialises at most (per query chunk): 2**26 fp32 scores = 256 MB, whatever the sequence.
+SCORE_BUDGET = 2**26
+
+
+def _row_chunks(rows: slice, length: int, scores_per_row: int) -> list[tuple[int, int]]:
+    """The region's query rows in chunks whose scores fit SCORE_BUDGET (at least one row)."""
+    start, stop = rows.start or 0, length if rows.stop is None else rows.stop
+    step = max(1, SCORE_BUDGET // max(scores_per_row, 1))
+    return [(r, min(r + step, stop)) for r in range(start, stop, step)]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Visibility,  # type: ignore[override]
@@ -316,7 +328,9 @@ class _RingAttention(torch.autograd.Function):
         kv_heads, length = k.shape[2], k.shape[1]
         scale = q.shape[-1] ** -0.5
         qg = _grouped(q, kv_heads)
-        out = lse = torch.empty(0)
+        # Merged output and log-sum-exp; starting at (0, -inf), our own block (step 0) gives every query itself.
+        out = qg.new_zeros((*qg.shape[:-1], v.shape[-1]))
+        lse = qg.new_full((*qg.shape[:-1], 1), float("-inf"))
         packed = torch.cat([k.reshape(-1), v.reshape(-1)])
         for step in range(ring.size):
             if step < ring.size - 1:
@@ -324,15 +338,14 @@ class _RingAttention(torch.autograd.Function):
             kb, vb = packed[: k.numel()].view_as(k), packed[k.numel():].view_as(v)
             block = (ring.rank - step) % ring.size
             rows, cols, mask = _region(keys, ring.rank, block, length)
-            part, part_lse = _attend_block(qg[..., rows, :], _kv_major(kb)[..., cols, :],
-                                           _kv_major(vb)[..., cols, :], mask, scale)
-            if step == 0:  # our own block comes first: every query sees at least itself there
-                out, lse = part, part_lse
-            else:
-                old = lse[..., rows, :]
+            kf, vf = _kv_major(kb)[..., cols, :], _kv_major(vb)[..., cols, :]
+            for r0, r1 in _row_chunks(rows, length, qg.shape[0] * qg.shape[1] * qg.shape[2] * kf.shape[-2]):
+                part, part_lse = _attend_block(qg[..., r0:r1, :], kf, vf,
+                                               mask[..., r0:r1, :] if mask is not None else None, scale)
+                old = lse[..., r0:r1, :]
                 merged = torch.logaddexp(old, part_lse)
-                out[..., rows, :] = out[..., rows, :] * torch.exp(old - merged) + part * torch.exp(part_lse - merged)
-                lse[..., rows, :] = merged
+                out[..., r0:r1, :] = out[..., r0:r1, :] * torch.exp(old - merged) + part * torch.exp(part_lse - merged)
+                lse[..., r0:r1, :] = merged
             if step < ring.size - 1:
                 _Ring.finish(works)
                 packed = incoming
@@ -357,17 +370,18 @@ class _RingAttention(torch.autograd.Function):
             kb, vb = packed[: k.numel()].view_as(k), packed[k.numel():].view_as(v)
             block = (ring.rank - step) % ring.size
             rows, cols, mask = _region(ctx.keys, ring.rank, block, length)
-            q_rows, do_rows = qg[..., rows, :], dog[..., rows, :]
             kf, vf = _kv_major(kb)[..., cols, :], _kv_major(vb)[..., cols, :]
-            scores = (q_rows @ kf.transpose(-1, -2)) * ctx.scale
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            p = torch.exp(scores - lse[..., rows, :])
-            ds = p * (do_rows @ vf.transpose(-1, -2) - delta[..., rows, :])
-            dq[..., rows, :] += (ds @ kf) * ctx.scale
             dk_block, dv_block = _grad_views(grads, k, v)
-            dk_block[:, cols] += ((ds.transpose(-1, -2) @ q_rows).sum(2) * ctx.scale).transpose(1, 2)
-            dv_block[:, cols] += (p.transpose(-1, -2) @ do_rows).sum(2).transpose(1, 2)
+            for r0, r1 in _row_chunks(rows, length, qg.shape[0] * qg.shape[1] * qg.shape[2] * kf.shape[-2]):
+                q_rows, do_rows = qg[..., r0:r1, :], dog[..., r0:r1, :]
+                scores = (q_rows @ kf.transpose(-1, -2)) * ctx.scale
+                if mask is not None:
+                    scores = scores.masked_fill(~mask[..., r0:r1, :], float("-inf"))
+                p = torch.exp(scores - lse[..., r0:r1, :])
+                ds = p * (do_rows @ vf.transpose(-1, -2) - delta[..., r0:r1, :])
+                dq[..., r0:r1, :] += (ds @ kf) * ctx.scale
+                dk_block[:, cols] += ((ds.transpose(-1, -2) @ q_rows).sum(2) * ctx.scale).transpose(1, 2)
+                dv_block[:, cols] += (p.transpose(-1, -2) @ do_rows).sum(2).transpose(1, 2)
             # These gradients belong to block `block`, which the next rank works on in the next step.
             if step < ring.size - 1:
                 grads_in, grad_works = ring.start(grads)

@@ -9,14 +9,18 @@ import torch.distributed as dist
 
 
 def attention_against_one_process(impl: str, q_heads: int, kv_heads: int, v_dim: int, documents: bool,
-                                  seq: int = 32) -> dict[str, float]:
+                                  seq: int = 32, score_budget: int = 0) -> dict[str, float]:
     """Every rank draws the same whole q, k, v; attention over the whole sequence in one process is the reference;
     each rank runs its chunks through the context-parallel kernels. Returns the largest differences of the
-    outputs and of the q, k, v gradients (this rank's positions)."""
+    outputs and of the q, k, v gradients (this rank's positions). `score_budget`: the ring's scores per query chunk
+    (0: its default), small to make it cut every block into chunks of a few rows."""
     from models.kernels import REFERENCE
+    from parallel import context
     from models.visibility import Visibility
     from parallel.context import BatchSplit, ContextParallelKernels, document_positions
 
+    if score_budget:
+        context.SCORE_BUDGET = score_budget
     cp, rank = dist.get_world_size(), dist.get_rank()
     g = torch.Generator().manual_seed(0)
     batch, dim = 2, 16

@@ -47,6 +47,14 @@ def test_attention_equals_one_process(impl, cp, shape):
         assert results[0]["docs"] >= 2  # the batch really holds several documents
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["one_document", "documents"])
+def test_ring_cut_into_query_chunks_equals_one_process(documents):
+    """The ring bounds the scores it materialises by cutting queries into chunks (here of 1-2 rows)."""
+    results = run_ranks(attention_against_one_process, 2, args=("ring", 4, 2, 16, documents, 32, 256))
+    for rank, diffs in enumerate(results):
+        assert all(diffs[key] < 1e-10 for key in "out q k v".split()), (rank, diffs)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 
 DENSE_2 = {f"cp2_{impl}": ["parallel.cp=2", f"parallel.cp_impl={impl}"] for impl in IMPLS}
