@@ -36,11 +36,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 documents: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if positions is None:
-            h = x + self.attention(self.attention_norm(x))
-        else:
-            # As keywords: tensor parallelism's input preparation counts positional inputs.
-            h = x + self.attention(self.attention_norm(x), positions=positions, documents=documents)
+        # As keywords: tensor parallelism's input preparation counts positional inputs.
+        h = x + self.attention(self.attention_norm(x), positions=positions, documents=documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -69,9 +66,8 @@ class Transformer(UsesKernels, nn.Module):
         document each token belongs to, which limits attention to it. Attention then follows
         models/visibility.py's rule."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        extra = {} if positions is None else {"positions": positions, "documents": documents}
         for layer in self.layers.values():
-            h = layer(h, **extra)
+            h = layer(h, positions, documents)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -33,7 +33,6 @@ wraps the device's own (models/kernels), the seam the model already calls throug
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -42,8 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.visibility import Visibility
-
-CP_IMPLS = ("ring", "allgather", "ulysses")
+from parallel.rules import CP_IMPLS, kv_head_repeat
 
 
 # ---- which tokens a rank holds ----------------------------------------------------------------------------------
@@ -141,7 +139,7 @@ class ContextParallelKernels:
                            "positions parallel.context.BatchSplit gives")
 
     def masked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visibility) -> torch.Tensor:
-        keys = _gather_visibility(visible, self.group, self.size)
+        keys = _key_visibility(visible, self.group, self.size)
         if self.impl == "allgather":
             return self.base.masked_attention(q, gather_sequence(k, self.group), gather_sequence(v, self.group),
                                               keys)
@@ -150,7 +148,7 @@ class ContextParallelKernels:
         return ring_attention(q, k, v, keys, self.group)
 
     def _ulysses(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Visibility) -> torch.Tensor:
-        repeat = kv_head_repeat(q.shape[2], k.shape[2], self.size)
+        repeat = kv_head_repeat(k.shape[2], self.size)
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
         q, k, v = (sequence_to_heads(t, self.group, self.size) for t in (q, k, v))
@@ -165,12 +163,6 @@ class ContextParallelKernels:
         return heads_to_sequence(out, self.group, self.size)
 
 
-def kv_head_repeat(q_heads: int, kv_heads: int, cp: int) -> int:
-    """How many times Ulysses repeats each kv head so that cp ranks get whole, matching kv heads for their query
-    heads (1 when cp divides the kv heads)."""
-    return cp // math.gcd(kv_heads, cp)
-
-
 # ---- collectives with their gradients ---------------------------------------------------------------------------
 
 # torch 2.13 renamed the tensor-concatenating collectives (*_single) and deprecates the old names, which older
@@ -179,16 +171,21 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _gather_visibility(visible: Visibility, group: dist.ProcessGroup, size: int) -> Visibility:
-    """The local queries' positions (and documents) against every rank's keys, in rank order."""
-    parts = [visible.q_positions] + ([visible.q_documents] if visible.q_documents is not None else [])
-    local = torch.stack(parts).contiguous()  # (1 or 2, batch, len)
-    gathered = torch.empty((size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+def _key_visibility(visible: Visibility, group: dist.ProcessGroup, size: int) -> Visibility:
+    """The local queries' positions (and documents) against every rank's keys, in rank order. With one document per
+    sequence the positions are BatchSplit's load-balanced chunks (which `_region` relies on too), known here for
+    every rank; document ids come from the data, and are gathered."""
+    if visible.q_documents is None:
+        batch, length = visible.q_positions.shape
+        every = torch.cat([chunk_order(length * size, size, rank, visible.q_positions.device)
+                           for rank in range(size)])
+        return Visibility(visible.q_positions, every.expand(batch, -1))
+    local = torch.stack([visible.q_positions, visible.q_documents]).contiguous()  # (2, batch, len)
+    gathered = torch.empty((size * 2, *local.shape[1:]), dtype=local.dtype, device=local.device)
     _all_gather(gathered, local, group=group)
-    # (1 or 2, batch, size * len): rank-major along the sequence
-    every = gathered.view(size, *local.shape).permute(1, 2, 0, 3).flatten(2)
-    documents = every[1] if visible.q_documents is not None else None
-    return Visibility(visible.q_positions, every[0], visible.q_documents, documents)
+    # (2, batch, size * len): rank-major along the sequence
+    positions, documents = gathered.view(size, *local.shape).permute(1, 2, 0, 3).flatten(2)
+    return Visibility(visible.q_positions, positions, visible.q_documents, documents)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -219,7 +216,7 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
     """(batch, len, heads, dim) sequence shard -> (batch, size * len, heads / size, dim) head shard (all-to-all);
-    the sequence comes rank-major, as `_gather_visibility` orders positions."""
+    the sequence comes rank-major, as `_key_visibility` orders positions."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     batch, length, heads, dim = x.shape

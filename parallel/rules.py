@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Sequence
 
-from configs.schema import PP_SCHEDULES, AttentionKind, DPEngine, ModelConfig
+from configs.schema import PP_SCHEDULES, AttentionKind, ContextParallelImpl, DPEngine, ModelConfig
 from parallel.layout import Layout
 
 # How a schedule places its stages on pipeline ranks: `loop` (rank r holds r, r + pp, ...; gpipe, 1f1b,
@@ -119,7 +119,13 @@ def tensor_parallel_problem(model: ModelConfig, tp: int) -> Optional[Problem]:
     return None
 
 
-CP_IMPLS = ("ring", "allgather", "ulysses")
+CP_IMPLS = tuple(impl.value for impl in ContextParallelImpl)
+
+
+def kv_head_repeat(kv_heads: int, cp: int) -> int:
+    """How many times Ulysses repeats each kv head so that cp ranks get whole, matching kv heads for their query
+    heads (1 when cp divides the kv heads)."""
+    return cp // math.gcd(kv_heads, cp)
 
 
 def context_parallel_problem(model: ModelConfig, cp: int, impl: str = "ring", tp: int = 1,
@@ -145,7 +151,7 @@ def context_parallel_problem(model: ModelConfig, cp: int, impl: str = "ring", tp
                            f"not split {cp} ways", "pick cp dividing n_heads/tp, or cp_impl=ring or allgather")
         if model.attention == AttentionKind.gqa:
             kv = max(model.n_kv_heads // tp, 1)
-            repeat = cp // math.gcd(kv, cp)
+            repeat = kv_head_repeat(kv, cp)
             if (heads // kv) % repeat:
                 return Problem(f"cp_impl=ulysses with cp={cp}: {kv} kv heads per tensor-parallel rank cannot be "
                                f"repeated to split {cp} ways under their {heads // kv} query heads each",
