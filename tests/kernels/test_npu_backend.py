@@ -74,15 +74,17 @@ def test_npu_backend_equals_reference_with_every_fused_op_called(model: str) -> 
     assert PERMUTATION & called == (PERMUTATION if fused_permutation else set())
 
 
+def _install_torch_npu_without(monkeypatch, missing: str, why: str) -> None:
+    """The backend's capability check answers (None, why) for `missing`, as for a torch_npu that lacks it."""
+    def without(name, arguments, namespace="npu"):
+        return (None, why) if name == missing else torch_npu_op(name, arguments, namespace)
+
+    monkeypatch.setattr(npu_backend, "torch_npu_op", without)
+
+
 def test_a_missing_op_falls_back_with_one_line(monkeypatch, caplog) -> None:
-    real = torch_npu_op
-
-    def without_rotary(name, arguments, namespace="npu"):
-        if name == "npu_rotary_mul":
-            return None, "torch_npu's npu_rotary_mul takes no rotary_mode (a newer torch_npu has it)"
-        return real(name, arguments, namespace)
-
-    monkeypatch.setattr(npu_backend, "torch_npu_op", without_rotary)
+    _install_torch_npu_without(monkeypatch, "npu_rotary_mul",
+                               "torch_npu's npu_rotary_mul takes no rotary_mode (a newer torch_npu has it)")
     with caplog.at_level(logging.WARNING, logger="supertrain"):
         backend = NpuKernels()
     lines = [r.getMessage() for r in caplog.records]
@@ -179,14 +181,7 @@ def test_npu_grouped_experts_equal_reference_with_empty_experts_and_no_tokens() 
 def test_permutation_ops_follow_each_other(monkeypatch, caplog) -> None:
     """npu_moe_token_unpermute reads npu_moe_token_permute's mapping: a torch_npu with one of them falls back on both
     with one line per cause, and the grouped matmul is unaffected."""
-    real = torch_npu_op
-
-    def without_unpermute(name, arguments, namespace="npu"):
-        if name == "npu_moe_token_unpermute":
-            return None, "torch_npu has no npu_moe_token_unpermute"
-        return real(name, arguments, namespace)
-
-    monkeypatch.setattr(npu_backend, "torch_npu_op", without_unpermute)
+    _install_torch_npu_without(monkeypatch, "npu_moe_token_unpermute", "torch_npu has no npu_moe_token_unpermute")
     with caplog.at_level(logging.WARNING, logger="supertrain"):
         backend = NpuKernels()
     assert [r.getMessage() for r in caplog.records] == [
@@ -208,14 +203,7 @@ def test_grouped_mm_switched_off_keeps_every_routed_expert_kernel_on_the_referen
 def test_start_up_warns_once_per_missing_op(monkeypatch, caplog) -> None:
     """The process set-up and the trainer both ask for the backend: the second gets the same instance, so a missing
     op's line is logged once per process."""
-    real = torch_npu_op
-
-    def without_grouped_matmul(name, arguments, namespace="npu"):
-        if name == "npu_grouped_matmul":
-            return None, "torch_npu has no npu_grouped_matmul"
-        return real(name, arguments, namespace)
-
-    monkeypatch.setattr(npu_backend, "torch_npu_op", without_grouped_matmul)
+    _install_torch_npu_without(monkeypatch, "npu_grouped_matmul", "torch_npu has no npu_grouped_matmul")
     kernels_package._backend.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="supertrain"):
