@@ -7,20 +7,23 @@ import torch
 from torch import nn
 
 from configs.schema import Activation
-from models.layers import Linear, UsesKernels
+from models.layers import GateUpProjection, Linear, UsesKernels
 
 
 class FeedForward(UsesKernels, nn.Module):
-    """SwiGLU (w2(silu(w1 x) * w3 x)) or GELU (w2(gelu(w1 x))) MLP."""
+    """SwiGLU, w2(silu(gate x) * (up x)) with the gate and up matrices stored as one weight `w13`
+    (models/layers.py GateUpProjection), or GELU, w2(gelu(w1 x))."""
 
     def __init__(self, d_model: int, hidden: int, activation: Activation) -> None:
         super().__init__()
         self.activation = activation
-        self.w1 = Linear(d_model, hidden, bias=False)
+        if activation == Activation.swiglu:
+            self.w13 = GateUpProjection(d_model, hidden)
+        else:
+            self.w1 = Linear(d_model, hidden, bias=False)
         self.w2 = Linear(hidden, d_model, bias=False)
-        self.w3 = Linear(d_model, hidden, bias=False) if activation == Activation.swiglu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w3 is None:
-            return self.w2(nn.functional.gelu(self.w1(x), approximate="tanh"))
-        return self.w2(self.kernels.swiglu(self.w1(x), self.w3(x)))
+        if self.activation == Activation.swiglu:
+            return self.w2(self.kernels.swiglu(self.w13(x)))
+        return self.w2(nn.functional.gelu(self.w1(x), approximate="tanh"))

@@ -30,39 +30,37 @@ from torch import nn
 
 from configs.schema import Activation, ModelConfig, ScoreFn
 from models.feed_forward import FeedForward
-from models.layers import Linear, UsesKernels
-
-
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor parameter (expert parallelism shards dim 0); the tensor itself otherwise."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
+from models.layers import Linear, UsesKernels, local_block
 
 
 class GroupedExperts(UsesKernels, nn.Module):
-    """Routed experts with stacked weights: w1, w3 (experts, d_model, hidden) and w2 (experts, hidden, d_model).
+    """Routed experts with stacked weights, each expert's (in, out) matrix: SwiGLU keeps the gate and up projections
+    as one weight w13 (experts, d_model, 2 * hidden), each hidden unit's gate and up columns paired (2i, 2i + 1), so
+    one grouped product gives what the SwiGLU kernels take (as a GateUpProjection does); GELU has w1 (experts,
+    d_model, hidden). w2 is (experts, hidden, d_model).
 
     forward(x, counts): x holds counts[0] rows for expert 0, then counts[1] rows for expert 1, and so on; the number
-    of experts is len(counts) == w1.shape[0], whole or a local slice under expert parallelism.
+    of experts is len(counts) == the weights' first dimension, whole or a local slice under expert parallelism.
     """
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, activation: Activation) -> None:
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.gated = activation == Activation.swiglu
+        if self.gated:
+            self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
+        else:
+            self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
-        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, hidden)) if activation == Activation.swiglu else None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        w1, w2 = _local(self.w1), _local(self.w2)
-        if counts.shape[0] != w1.shape[0]:
-            raise ValueError(f"got token counts for {counts.shape[0]} experts, but this module holds {w1.shape[0]}")
+        w_in, w2 = local_block(self.w13 if self.gated else self.w1), local_block(self.w2)
+        if counts.shape[0] != w_in.shape[0]:
+            raise ValueError(f"got token counts for {counts.shape[0]} experts, but this module holds {w_in.shape[0]}")
         # _grouped_mm is not an autocast op: compute in the autocast dtype, else in the weights' dtype, as a Linear.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w1.dtype
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        if self.w3 is None:
-            hidden = F.gelu(self.kernels.grouped_mm(x, w1, counts), approximate="tanh")
-        else:
-            mm = self.kernels.grouped_mm
-            hidden = self.kernels.swiglu(mm(x, w1, counts), mm(x, _local(self.w3).to(dtype), counts))
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w_in.dtype
+        x, w_in, w2 = x.to(dtype), w_in.to(dtype), w2.to(dtype)
+        projected = self.kernels.grouped_mm(x, w_in, counts)
+        hidden = self.kernels.swiglu(projected) if self.gated else F.gelu(projected, approximate="tanh")
         return self.kernels.grouped_mm(hidden, w2, counts)
 
 

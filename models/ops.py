@@ -24,9 +24,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up."""
-    return F.silu(gate) * up
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, for the gate and up projections paired along the last dimension, [g0 u0 g1 u1 ...], as one
+    product against a `GateUpProjection`'s weight (or the experts' w13) gives them."""
+    return F.silu(gate_up[..., 0::2]) * gate_up[..., 1::2]
 
 
 def rope_tables(seq_len: int, dim: int, theta: float, device: torch.device,

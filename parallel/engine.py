@@ -144,6 +144,12 @@ def _check_same_model(folder: Path, saved: dict[str, Any], model_names: set[str]
     load itself is not strict, for the optimizer's sake, and would drop a saved layer this model lacks). Every rank
     decides on the same facts, so all raise together instead of some entering the load's collectives alone."""
     missing = sorted(model_names - set(saved))
+    legacy = [name for name in missing if "w13" in name and name.replace("w13", "w3") in saved]
+    if legacy:
+        raise CheckpointError(f"{folder} holds {legacy[0].replace('w13', 'w1')} and w3: SwiGLU's gate and up "
+                              f"projections as two tensors, saved before they became one (w13); export it to Hugging "
+                              f"Face with the version that wrote it and start from that (checkpoint.init_from_hf=DIR), "
+                              f"or checkpoint.resume=none")
     if missing:
         raise CheckpointError(f"{folder} has no tensor {missing[0]}: it holds another model; resume a checkpoint of "
                               f"this model, or checkpoint.resume=none")

@@ -3,7 +3,8 @@
 Per transformer block:
     attention  wq, wk, wv (and MLA's wq_b, wkv_b) column-parallel: each rank computes n_heads / tp heads;
                wo row-parallel: partial sums reduced (all-reduce, or reduce-scatter over the sequence under SP)
-    MLP        w1, w3 column-parallel, w2 row-parallel
+    MLP        SwiGLU's gate/up weight w13 (hidden, 2, d) split along hidden (`GateUpColwise`), GELU's w1
+               column-parallel; w2 row-parallel
     norms      replicated; under sequence parallelism they run on a sequence shard (SequenceParallel)
 Model ends:
     embedding  vocab-parallel (rows split; each rank looks up the ids it owns)
@@ -34,7 +35,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from configs.schema import AttentionKind, ModelConfig
+from configs.schema import Activation, AttentionKind, ModelConfig
 from parallel.dims import LayoutError
 from parallel.rules import tensor_parallel_problem
 
@@ -84,6 +85,35 @@ class ReplicatedSharedHeads(ParallelStyle):
         )
 
 
+class GateUpColwise(ParallelStyle):
+    """Column parallelism for a `GateUpProjection` (not an nn.Linear, which ColwiseParallel requires): its
+    (hidden, 2, d) weight split along hidden, so rank r holds the gate and up rows of hidden units
+    [r hidden/tp, (r+1) hidden/tp) and its product gives those units' (gate, up) pairs.
+
+    The input arrives replicated (a local tensor, or a Replicate DTensor under sequence parallelism); the module
+    computes on local tensors, and the input's gradient, one part per rank, is summed over the tp group, as
+    ColwiseParallel's is. The output is the local block, which w2's RowwiseParallel takes as its Shard(-1) input.
+    """
+
+    def _partition(self, name: str, module: nn.Module, mesh: "DeviceMesh") -> None:
+        for key, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+
+    def _prepare_input(self, module: nn.Module, inputs: tuple, mesh: "DeviceMesh") -> tuple:
+        x = inputs[0]
+        if isinstance(x, DTensor):
+            x = x.redistribute(mesh, [Replicate()])
+        else:
+            x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        # Forward: the same tensor. Backward: each rank's gradient declared a partial sum, which the conversion
+        # back to a replicated input adds over the group.
+        return (x.to_local(grad_placements=[Partial()]), *inputs[1:])
+
+    def _apply(self, module: nn.Module, device_mesh: "DeviceMesh") -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition,
+                                 lambda mod, inputs, mesh: self._prepare_input(mod, inputs, mesh))
+
+
 def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     row_out = Shard(1) if sequence_parallel else Replicate()
     if cfg.attention == AttentionKind.mla:
@@ -109,13 +139,10 @@ def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[
     return {"attention.wq": ColwiseParallel(), **kv_plan, "attention.wo": RowwiseParallel(output_layouts=row_out)}
 
 
-def _mlp_plan(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+def _mlp_plan(prefix: str, gated: bool, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     row_out = Shard(1) if sequence_parallel else Replicate()
-    return {
-        f"{prefix}.w1": ColwiseParallel(),
-        f"{prefix}.w2": RowwiseParallel(output_layouts=row_out),
-        f"{prefix}.w3": ColwiseParallel(),
-    }
+    first: dict[str, ParallelStyle] = {f"{prefix}.w13": GateUpColwise()} if gated else {f"{prefix}.w1": ColwiseParallel()}
+    return {**first, f"{prefix}.w2": RowwiseParallel(output_layouts=row_out)}
 
 
 def block_plan(cfg: ModelConfig, layer_id: int, tp: int, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -137,9 +164,7 @@ def block_plan(cfg: ModelConfig, layer_id: int, tp: int, sequence_parallel: bool
                 output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
             )
     else:
-        plan.update(_mlp_plan("feed_forward", sequence_parallel))
-        if cfg.activation.value == "gelu":
-            del plan["feed_forward.w3"]
+        plan.update(_mlp_plan("feed_forward", cfg.activation == Activation.swiglu, sequence_parallel))
     return plan
 
 

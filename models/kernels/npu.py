@@ -3,7 +3,9 @@
     rms_norm          npu_rms_norm(x, gamma, epsilon) -> (y, rstd)
     rope              npu_rotary_mul(x, r1, r2, rotary_mode='interleave'): our rotation turns consecutive pairs;
                       'interleave' is that mode (torch_npu builds without rotary_mode have 'half' only)
-    swiglu            npu_swiglu(cat(gate, up), dim=-1): swish of the first half times the second
+    swiglu            npu_swiglu(x, dim=-1): swish of the first half times the second; x is the one product
+                      against the stored gate/up weight (models/layers.py GateUpProjection; the experts' w13), its
+                      (gate, up) pairs reordered into halves (one copy, as the concatenation of two products was)
     attention         npu_fusion_attention in BSND with the kv heads as they are (grouped-query read in place),
                       causal through sparse_mode=2 and its 2048 x 2048 upper-triangular mask, query/key width
                       above the value's (MLA) allowed; masked attention (packed documents, context-parallel
@@ -23,7 +25,6 @@ installed torch_npu lacks, or lacks an argument of, falls back to the reference 
 (once per process: models/kernels/__init__.py keeps one backend per settings). torch_npu registers its ops under
 torch.ops.npu when it is imported (the device layer imports it).
 
-Not plugged in: w1 and w3 as one stored projection for npu_swiglu (the two outputs are concatenated, one copy).
 Nothing here has run on an NPU: tests/kernels checks every call against the op-plugin schemas on CPU stand-ins
 (fake_npu_ops.py). Unchecked until hardware runs it: the k-axis grouped_matmul's limits (group count, an empty
 group's zero gradient), the dtype rules of npu_moe_token_unpermute's probs (passed in the rows' dtype), and speed.
@@ -114,9 +115,14 @@ class NpuKernels(ReferenceKernels):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._ops["rms_norm"](x, weight, eps)[0]
 
-    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """One kernel over the two projections side by side (it takes them as one tensor, halves along dim)."""
-        return self._ops["swiglu"](torch.cat((gate, up), dim=-1), -1)
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The (gate, up) pairs one product gave, reordered into the halves the op takes (one copy; splitting a
+        length-2 dimension would hand the kernel one-element rows), then one kernel. The op takes no empty
+        tensor (an expert-parallel rank may receive no tokens): that one runs the reference op."""
+        if gate_up.numel() == 0:
+            return ops.swiglu(gate_up)
+        halves = gate_up.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)  # [g0 u0 g1 u1 ...] -> [g.. | u..]
+        return self._ops["swiglu"](halves, -1)
 
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (batch, seq, heads, dim): cos and sin per pair, repeated over the pair's two elements, as (1, S, 1, D).

@@ -54,8 +54,9 @@ class ReferenceKernels:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return ops.rms_norm(x, weight, eps)
 
-    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return ops.swiglu(gate, up)
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the (gate, up) pairs along the last dimension (`ops.swiglu`)."""
+        return ops.swiglu(gate_up)
 
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return ops.apply_rope(x, cos, sin)

@@ -323,8 +323,9 @@ def attention_elements(cfg: ModelConfig, shape: TokenShape, software: Software =
 
 
 def mlp_elements(cfg: ModelConfig, hidden: int, shape: TokenShape, software: Software) -> float:
-    """Elements per token a feed-forward block saves (its pre-norm excluded): SwiGLU keeps w1 and w3 outputs,
-    silu's output (not with the fused CPU kernel) and the product w2 reads; GELU keeps its input and output."""
+    """Elements per token a feed-forward block saves (its pre-norm excluded): SwiGLU keeps the gate/up product
+    (2 x hidden), silu's output (not with the fused CPU kernel) and the product w2 reads; GELU keeps its input and
+    output."""
     if cfg.activation != Activation.swiglu:
         return 2 * hidden / shape.tp
     return (3 if _native_cpu(shape, software) else 4) * hidden / shape.tp

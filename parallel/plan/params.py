@@ -2,7 +2,8 @@
 
 Built from ModelConfig alone (no torch), so it works for models far too large to build. The shapes and names follow
 models/transformer.py (a test compares them with a meta-device model), and the per-tensor sharding rules follow
-the usual tensor-parallel plan: q/k/v, w1/w3 and the output head column-wise (dim 0 of the weight), wo/w2 row-wise
+the usual tensor-parallel plan: q/k/v, SwiGLU's gate/up weight w13 (hidden, 2, d), GELU's w1 and the output head
+column-wise (dim 0 of the weight), wo/w2 row-wise
 (dim 1), the embedding split over the vocabulary, norms, the router and MLA's low-rank down-projections replicated.
 Routed experts are stacked (experts, in, out), as models/moe.py holds them, and split over ep on dim 0.
 """
@@ -81,23 +82,25 @@ def _attention(cfg: ModelConfig, prefix: str, layer: int) -> list[ParamTensor]:
 
 
 def _mlp(cfg: ModelConfig, prefix: str, hidden: int, layer: int) -> list[ParamTensor]:
-    tensors = [_linear(f"{prefix}.w1", hidden, cfg.d_model, 0, layer), _linear(f"{prefix}.w2", cfg.d_model, hidden, 1, layer)]
     if cfg.activation == Activation.swiglu:
-        tensors.append(_linear(f"{prefix}.w3", hidden, cfg.d_model, 0, layer))
-    return tensors
+        first = ParamTensor(f"{prefix}.w13.weight", (hidden, 2, cfg.d_model), 0, layer=layer)
+    else:
+        first = _linear(f"{prefix}.w1", hidden, cfg.d_model, 0, layer)
+    return [first, _linear(f"{prefix}.w2", cfg.d_model, hidden, 1, layer)]
 
 
 def _moe(cfg: ModelConfig, prefix: str, layer: int) -> list[ParamTensor]:
     """Router, stacked routed experts and the shared experts as one wide MLP. Tensor parallelism leaves the whole
     MoE block unsplit (parallel/tensor.py: expert parallelism shards experts instead)."""
     e, d, f = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_hidden
+    gated = cfg.activation == Activation.swiglu
     tensors = [
         ParamTensor(f"{prefix}.router.gate.weight", (e, d), None, layer=layer),
-        ParamTensor(f"{prefix}.experts.w1", (e, d, f), None, expert=True, layer=layer, moe_tp_dim=2),
+        # SwiGLU: each unit's gate and up columns paired, (experts, d, 2f).
+        ParamTensor(f"{prefix}.experts.{'w13' if gated else 'w1'}", (e, d, 2 * f if gated else f), None, expert=True,
+                    layer=layer, moe_tp_dim=2),
         ParamTensor(f"{prefix}.experts.w2", (e, f, d), None, expert=True, layer=layer, moe_tp_dim=1),
     ]
-    if cfg.activation == Activation.swiglu:
-        tensors.append(ParamTensor(f"{prefix}.experts.w3", (e, d, f), None, expert=True, layer=layer, moe_tp_dim=2))
     if cfg.n_shared_experts:
         hidden = cfg.n_shared_experts * f
         tensors += [ParamTensor(t.name, t.shape, None, layer=layer, moe_tp_dim=t.tp_dim)

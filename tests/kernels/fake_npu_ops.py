@@ -68,8 +68,13 @@ def _rotary_mul(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode
 
 def _swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     CALLS.append("npu_swiglu")
+    # op-plugin's doc: contiguous, not empty, 1-8 dims, the split dimension even; fp32, fp16 or bf16.
     if not x.is_contiguous():
         raise RuntimeError("npu_swiglu: the input must be contiguous")
+    if x.numel() == 0 or not 1 <= x.dim() <= 8 or x.shape[dim] % 2:
+        raise RuntimeError(f"npu_swiglu: shape {tuple(x.shape)} with dim={dim} is not supported")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"npu_swiglu: dtype {x.dtype} is not supported")
     a, b = x.chunk(2, dim=dim)  # swish of the first half times the second
     return F.silu(a) * b
 

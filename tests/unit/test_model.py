@@ -82,6 +82,6 @@ def test_residual_projections_are_scaled_down():
 
 def test_gelu_model_has_two_matrices_per_mlp():
     cfg, model = tiny_model(activation="gelu")
-    assert model.layers["0"].feed_forward.w3 is None
+    assert [n for n, _ in model.layers["0"].feed_forward.named_parameters()] == ["w1.weight", "w2.weight"]
     assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
     assert model(torch.randint(0, 97, (1, 8))).shape == (1, 8, 97)

@@ -36,8 +36,10 @@ def build_block(cfg: ModelConfig, seed: int = 0, aux_loss_scale: float = 1.0) ->
     return block
 
 
-def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ w1) * (x @ w3)) @ w2
+def expert_mlp(x: torch.Tensor, experts: GroupedExperts, e: int) -> torch.Tensor:
+    """Expert e's SwiGLU MLP by definition: the stored gate/up weight pairs each unit's gate and up columns."""
+    gate, up = experts.w13[e][:, 0::2], experts.w13[e][:, 1::2]
+    return (F.silu(x @ gate) * (x @ up)) @ experts.w2[e]
 
 
 def naive_moe(block: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ def naive_moe(block: MoE, x: torch.Tensor) -> torch.Tensor:
             if router.route_norm:
                 weights = weights / weights.sum()
             for e, w in zip(chosen.tolist(), (weights * router.route_scale).tolist()):
-                out[b, t] += w * expert_mlp(token, experts.w1[e], experts.w2[e], experts.w3[e])
+                out[b, t] += w * expert_mlp(token, experts, e)
             if block.shared_experts is not None:
                 out[b, t] += block.shared_experts(token)
     return out
@@ -84,7 +86,7 @@ def test_grouped_experts_equal_a_per_expert_reference_forward_and_backward(backe
     experts.zero_grad()
     pieces = torch.split(x, counts.tolist())
     reference = torch.cat(
-        [expert_mlp(piece, experts.w1[e], experts.w2[e], experts.w3[e]) for e, piece in enumerate(pieces)]
+        [expert_mlp(piece, experts, e) for e, piece in enumerate(pieces)]
     )
     reference.sum().backward()
     torch.testing.assert_close(out, reference)
@@ -122,7 +124,7 @@ def test_grouped_mm_native_and_looped_paths_agree() -> None:
     assert not grouped_mm_takes(odd, torch.randn(3, 5, 8), fp32)
 
 
-def test_gelu_experts_have_no_w3() -> None:
+def test_gelu_experts_have_no_gate() -> None:
     experts = GroupedExperts(2, 16, 32, Activation.gelu)
     assert [n for n, _ in experts.named_parameters()] == ["w1", "w2"]
     with torch.no_grad():
@@ -143,7 +145,7 @@ def test_all_tokens_on_one_expert_equal_the_dense_computation() -> None:
         block.expert_bias[5] = 100.0  # every token picks expert 5; route_norm makes its weight exactly 1
     x = torch.randn(2, 6, 32)
     experts = block.experts
-    dense = expert_mlp(x, experts.w1[5], experts.w2[5], experts.w3[5]) + block.shared_experts(x)
+    dense = expert_mlp(x, experts, 5) + block.shared_experts(x)
     torch.testing.assert_close(block.train()(x), dense)
     assert block.tokens_per_expert.tolist() == [0, 0, 0, 0, 0, 12, 0, 0]
 
@@ -209,7 +211,7 @@ def test_capacity_drops_the_lowest_weighted_assignments_and_counts_them() -> Non
     kept = set(torch.topk(weights, 4).indices.tolist())
     experts = block.experts
     for t in range(8):
-        want = weights[t] * expert_mlp(x[0, t], experts.w1[0], experts.w2[0], experts.w3[0]) if t in kept else 0
+        want = weights[t] * expert_mlp(x[0, t], experts, 0) if t in kept else 0
         torch.testing.assert_close(out[t], torch.zeros(32) + want)
     metrics = update_load_balance(block)
     assert metrics["moe/dropped_fraction"] == 0.5
@@ -321,8 +323,8 @@ def test_first_layers_are_dense_and_the_rest_moe() -> None:
     kinds = [type(layer.feed_forward).__name__ for layer in model.layers.values()]
     assert kinds == ["FeedForward", "MoE", "MoE"]
     names = {n for n, _ in model.named_parameters()}
-    assert {"layers.1.feed_forward.experts.w1", "layers.1.feed_forward.experts.w2",
-            "layers.1.feed_forward.experts.w3", "layers.1.feed_forward.router.gate.weight",
+    assert {"layers.1.feed_forward.experts.w13", "layers.1.feed_forward.experts.w2",
+            "layers.1.feed_forward.router.gate.weight", "layers.1.feed_forward.shared_experts.w13.weight",
             "layers.1.feed_forward.shared_experts.w2.weight"} <= names
 
 

@@ -190,3 +190,24 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monke
         trainer.save_checkpoint()
     checkpoints = ckpt.committed_checkpoints(tmp_path / "checkpoints")
     assert [s for s, _ in checkpoints] == [1] and ckpt.problem(checkpoints[0][1]) is None
+
+
+def test_a_checkpoint_with_separate_gate_and_up_tensors_is_refused_in_one_line(tmp_path):
+    """Checkpoints written before SwiGLU's gate and up projections became one tensor (w13) hold w1 and w3: the
+    load names them and the way over, before any collective or any tensor is touched."""
+    import torch.distributed.checkpoint as dcp
+
+    trainer = _trainer(tmp_path / "run")
+    before = _parameters(trainer)
+    legacy: dict[str, torch.Tensor] = {}
+    for name, param in trainer.engine.parts[0].state_dict().items():
+        if name.endswith("w13.weight"):
+            legacy[name.replace("w13", "w1")] = param[:, 0].clone()
+            legacy[name.replace("w13", "w3")] = param[:, 1].clone()
+        else:
+            legacy[name] = param.clone()
+    dcp.save({"model": legacy}, checkpoint_id=str(tmp_path / "old"), no_dist=True)
+    with pytest.raises(CheckpointError, match=r"holds layers\.0\.feed_forward\.w1\.weight and w3: SwiGLU's gate and "
+                                              r"up projections as two tensors.*checkpoint\.init_from_hf"):
+        trainer.engine.load(tmp_path / "old")
+    assert _equal(_parameters(trainer), before)

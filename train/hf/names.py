@@ -1,11 +1,13 @@
 """Which Hugging Face tensor each of our tensors is, and how to turn one into the other.
 
-Our names are those of a plain `models.transformer.Transformer` (no wrapper prefixes). Four kinds of source:
+Our names are those of a plain `models.transformer.Transformer` (no wrapper prefixes). The kinds of source:
 - `Same`: the same matrix; for rotary projections of Llama-family checkpoints with the rows of every head reordered,
   because transformers rotates pairs (i, i + d/2) of a head ("rotate_half") and we rotate pairs (2i, 2i + 1).
   The query and key of one head are reordered alike, so their dot products, and the logits, are unchanged.
 - `Rows`: a band of rows of a larger tensor (DeepSeek stores the kv latent and the shared rotary key as one matrix).
 - `Experts`: our stacked (experts, in, out) weight is every expert's (out, in) matrix, transposed.
+- `GateUp`: our SwiGLU weight (hidden, 2, d) is the gate (hidden, d) and up (hidden, d) matrices, paired by hidden
+  unit; `ExpertsGateUp` the same for the stacked experts (experts, d, 2 * hidden), columns 2i and 2i + 1.
 - `Absent`: no counterpart in this architecture (the MoE balancing bias outside DeepSeek): zero on import.
 Every source reads only the block of our tensor a rank holds (`read(files, box)`), and turns our whole tensor back
 into Hugging Face pieces (`to_hf`) for export.
@@ -115,6 +117,56 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class GateUp:
+    gate: str
+    up: str
+
+    def hf_names(self) -> list[str]:
+        return [self.gate, self.up]
+
+    def hf_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {self.gate: (shape[0], shape[2]), self.up: (shape[0], shape[2])}
+
+    def read(self, files: SafetensorsFolder, box: Box) -> torch.Tensor:
+        units, pair, inner = box
+        names = (self.gate, self.up)[pair.start:pair.stop]
+        return torch.stack([files.read(name, (units, inner)) for name in names], dim=1)
+
+    def to_hf(self, whole: torch.Tensor) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+        for index, name in enumerate((self.gate, self.up)):
+            yield name, whole.shape[0], 0, whole[:, index].contiguous()
+
+
+@dataclass(frozen=True)
+class ExpertsGateUp:
+    gate: str  # patterns with {e} for the expert's index
+    up: str
+    n_experts: int
+
+    def hf_names(self) -> list[str]:
+        return [pattern.format(e=e) for e in range(self.n_experts) for pattern in (self.gate, self.up)]
+
+    def hf_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {name: (shape[2] // 2, shape[1]) for name in self.hf_names()}
+
+    def read(self, files: SafetensorsFolder, box: Box) -> torch.Tensor:
+        experts, inner, columns = box
+        units = slice(columns.start // 2, (columns.stop + 1) // 2)  # the hidden units whose columns the box holds
+        first = columns.start - 2 * units.start
+        out = []
+        for e in range(experts.start, experts.stop):
+            gate, up = (files.read(p.format(e=e), (units, inner)).t() for p in (self.gate, self.up))
+            out.append(torch.stack((gate, up), dim=-1).flatten(-2)[:, first:first + columns.stop - columns.start])
+        return torch.stack(out)
+
+    def to_hf(self, whole: torch.Tensor) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+        for e in range(whole.shape[0]):
+            for index, pattern in enumerate((self.gate, self.up)):
+                matrix = whole[e][:, index::2].t().contiguous()
+                yield pattern.format(e=e), matrix.shape[0], 0, matrix
+
+
+@dataclass(frozen=True)
 class Absent:
     def hf_names(self) -> list[str]:
         return []
@@ -154,9 +206,9 @@ def _attention(cfg: ModelConfig, kind: str, hf: str) -> dict[str, Source]:
     return out
 
 
-def _mlp(hf: str, gate: str = "gate_proj", down: str = "down_proj", up: str = "up_proj") -> dict[str, Source]:
-    return {"w1.weight": Same(f"{hf}.{gate}.weight"), "w2.weight": Same(f"{hf}.{down}.weight"),
-            "w3.weight": Same(f"{hf}.{up}.weight")}
+def _mlp(hf: str) -> dict[str, Source]:
+    return {"w13.weight": GateUp(f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"),
+            "w2.weight": Same(f"{hf}.down_proj.weight")}
 
 
 def _moe(cfg: ModelConfig, kind: str, hf: str) -> dict[str, Source]:
@@ -168,9 +220,9 @@ def _moe(cfg: ModelConfig, kind: str, hf: str) -> dict[str, Source]:
         names = ("gate_proj", "down_proj", "up_proj")
     out: dict[str, Source] = {
         "router.gate.weight": Same(f"{hf}.gate.weight"),
-        "experts.w1": Experts(f"{hf}.experts.{{e}}.{names[0]}.weight", n),
+        "experts.w13": ExpertsGateUp(f"{hf}.experts.{{e}}.{names[0]}.weight", f"{hf}.experts.{{e}}.{names[2]}.weight",
+                                     n),
         "experts.w2": Experts(f"{hf}.experts.{{e}}.{names[1]}.weight", n),
-        "experts.w3": Experts(f"{hf}.experts.{{e}}.{names[2]}.weight", n),
         "expert_bias": Same(f"{hf}.gate.e_score_correction_bias") if kind == "deepseek_v3" else Absent(),
     }
     if cfg.n_shared_experts:

@@ -142,13 +142,23 @@ def test_rms_norm_matches_aten(shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(3, 77, 50), (4096,), (2, 16)])
+@pytest.mark.parametrize("shape", [(3, 77, 100), (8192,), (2, 32), (5, 34)])  # 5 x 17 pairs: a scalar tail
 def test_swiglu_matches_aten(shape):
+    """(gate, up) pairs in, their gradients paired out."""
     generator = torch.Generator().manual_seed(sum(shape))
-    gate, up, grad = (3 * torch.randn(*shape, generator=generator) for _ in range(3))
-    ours = values_and_grads(cpu_native.swiglu, (gate, up), grad)
-    reference = values_and_grads(lambda a, b: F.silu(a) * b, (gate, up), grad)
-    assert_all_close(ours, reference, ("out", "grad_gate", "grad_up"))
+    gate_up = 3 * torch.randn(*shape, generator=generator)
+    grad = 3 * torch.randn(*shape[:-1], shape[-1] // 2, generator=generator)
+    ours = values_and_grads(cpu_native.swiglu, (gate_up,), grad)
+    reference = values_and_grads(lambda x: F.silu(x[..., 0::2]) * x[..., 1::2], (gate_up,), grad)
+    assert_all_close(ours, reference, ("out", "grad_gate_up"))
+
+
+@needs_kernels
+def test_swiglu_takes_a_strided_input_and_refuses_an_odd_width():
+    x = torch.randn(6, 40)[::2]  # every other row: not contiguous
+    torch.testing.assert_close(cpu_native.swiglu(x), F.silu(x[:, 0::2]) * x[:, 1::2])
+    with pytest.raises(RuntimeError, match="must be even"):
+        cpu_native.swiglu(torch.randn(3, 7))
 
 
 def sdpa_reference(q, k, v):
@@ -259,7 +269,7 @@ def test_recompute_reproduces_the_gradients(recompute):
 def test_ops_entry_points_take_the_kernels_and_fall_back():
     x, weight = torch.randn(4, 16), torch.randn(16)
     assert torch.equal(rms_norm(x, weight, 1e-6), cpu_native.rms_norm(x, weight, 1e-6))
-    assert torch.equal(swiglu(x, x), cpu_native.swiglu(x, x))
+    assert torch.equal(swiglu(x), cpu_native.swiglu(x))
     q = torch.randn(1, 512, 2, 8)
     assert torch.equal(causal_attention(q, q, q), cpu_native.causal_attention(q, q, q, 128))
     # bf16 keeps ATen's ops

@@ -402,61 +402,76 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
 
 // ---- SwiGLU ----------------------------------------------------------------------------------------------------
 
-// silu(a) * b, elementwise. silu(a) = a / (1 + exp(-a)), as ATen computes it.
-at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
-  check_fp32_cpu(gate, "gate");
-  check_fp32_cpu(up, "up");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "supertrain_cpu::swiglu: shapes differ, ", gate.sizes(), " and ", up.sizes());
-  const auto a = gate.contiguous();
-  const auto b = up.contiguous();
-  auto out = at::empty_like(a);
-  const float* pa = a.const_data_ptr<float>();
-  const float* pb = b.const_data_ptr<float>();
+// The gate and up projections arrive paired, as one product against the stored (hidden, 2, d) weight gives them:
+// each hidden unit's gate value, then its up value ([a0 b0 a1 b1 ...] along the last dimension). The pairs are
+// independent of the rows they sit in, so the work splits over pairs; the input's gradient is written paired too,
+// so the projection's backward takes it as one tensor.
+namespace {
+
+int64_t pair_count(const at::Tensor& gate_up, const char* op) {
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "supertrain_cpu::", op,
+              ": the last dimension holds (gate, up) pairs and must be even, got ", gate_up.sizes());
+  return gate_up.numel() / 2;
+}
+
+}  // namespace
+
+// silu(a) * b for each pair (a, b). silu(a) = a / (1 + exp(-a)), as ATen computes it.
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  check_fp32_cpu(gate_up, "gate_up");
+  const int64_t pairs = pair_count(gate_up, "swiglu");
+  const auto x = gate_up.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() /= 2;
+  auto out = at::empty(sizes, x.options());
+  const float* px = x.const_data_ptr<float>();
   float* po = out.mutable_data_ptr<float>();
-  at::parallel_for(0, a.numel(), 8192, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pairs, 8192, [&](int64_t begin, int64_t end) {
     const Vec one(1.0f);
     int64_t i = begin;
     for (; i + kVec <= end; i += kVec) {
-      const Vec x = Vec::loadu(pa + i);
-      ((x / (one + x.neg().exp())) * Vec::loadu(pb + i)).store(po + i);
+      const auto [a, b] = at::vec::deinterleave2(Vec::loadu(px + 2 * i), Vec::loadu(px + 2 * i + kVec));
+      ((a / (one + a.neg().exp())) * b).store(po + i);
     }
     for (; i < end; ++i) {
-      po[i] = pa[i] / (1.0f + std::exp(-pa[i])) * pb[i];
+      const float a = px[2 * i];
+      po[i] = a / (1.0f + std::exp(-a)) * px[2 * i + 1];
     }
   });
   return out;
 }
 
-// d/da = g * b * sig(a) * (1 + a * (1 - sig(a))), d/db = g * silu(a).
-std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
-                                                   const at::Tensor& up) {
+// d/da = g * b * sig(a) * (1 + a * (1 - sig(a))), d/db = g * silu(a); returned paired as the input.
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
+  const int64_t pairs = pair_count(gate_up, "swiglu_backward");
   const auto g = grad.contiguous();
-  const auto a = gate.contiguous();
-  const auto b = up.contiguous();
-  auto grad_gate = at::empty_like(a);
-  auto grad_up = at::empty_like(b);
+  const auto x = gate_up.contiguous();
+  TORCH_CHECK(g.numel() == pairs, "supertrain_cpu::swiglu_backward: gradient ", g.sizes(), " does not match gate_up ",
+              x.sizes());
+  auto grad_gate_up = at::empty_like(x);
   const float* pg = g.const_data_ptr<float>();
-  const float* pa = a.const_data_ptr<float>();
-  const float* pb = b.const_data_ptr<float>();
-  float* pga = grad_gate.mutable_data_ptr<float>();
-  float* pgb = grad_up.mutable_data_ptr<float>();
-  at::parallel_for(0, a.numel(), 8192, [&](int64_t begin, int64_t end) {
+  const float* px = x.const_data_ptr<float>();
+  float* pout = grad_gate_up.mutable_data_ptr<float>();
+  at::parallel_for(0, pairs, 8192, [&](int64_t begin, int64_t end) {
     const Vec one(1.0f);
     int64_t i = begin;
     for (; i + kVec <= end; i += kVec) {
-      const Vec x = Vec::loadu(pa + i);
+      const auto [a, b] = at::vec::deinterleave2(Vec::loadu(px + 2 * i), Vec::loadu(px + 2 * i + kVec));
       const Vec gi = Vec::loadu(pg + i);
-      const Vec sig = one / (one + x.neg().exp());
-      (gi * (x * sig)).store(pgb + i);
-      (gi * Vec::loadu(pb + i) * sig * (one + x * (one - sig))).store(pga + i);
+      const Vec sig = one / (one + a.neg().exp());
+      const auto [first, second] = at::vec::interleave2(gi * b * sig * (one + a * (one - sig)), gi * (a * sig));
+      first.store(pout + 2 * i);
+      second.store(pout + 2 * i + kVec);
     }
     for (; i < end; ++i) {
-      const float sig = 1.0f / (1.0f + std::exp(-pa[i]));
-      pgb[i] = pg[i] * (pa[i] * sig);
-      pga[i] = pg[i] * pb[i] * sig * (1.0f + pa[i] * (1.0f - sig));
+      const float a = px[2 * i];
+      const float b = px[2 * i + 1];
+      const float sig = 1.0f / (1.0f + std::exp(-a));
+      pout[2 * i] = pg[i] * b * sig * (1.0f + a * (1.0f - sig));
+      pout[2 * i + 1] = pg[i] * (a * sig);
     }
   });
-  return {grad_gate, grad_up};
+  return grad_gate_up;
 }
 
 // ---- block-causal attention -----------------------------------------------------------------------------------
@@ -808,8 +823,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
 TORCH_LIBRARY(supertrain_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
-  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, int block) -> "
         "(Tensor, Tensor[])");
   m.def("causal_attention_backward(Tensor grad_out, Tensor[] saved, Tensor? cos, Tensor? sin, int kv_heads, "
