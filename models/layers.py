@@ -28,8 +28,8 @@ class Linear(UsesKernels, nn.Linear):
 
 def local_block(weight: torch.Tensor) -> torch.Tensor:
     """This rank's block of a parameter that parallelism split along a dimension the module's product does not
-    reduce over (experts over ep, the gate/up weight's hidden units over tp): the DTensor's local tensor; the tensor itself
-    when unsplit."""
+    reduce over (experts over ep, the gate/up weight's hidden units over tp): the DTensor's local tensor; the
+    tensor itself when unsplit."""
     return weight.to_local() if hasattr(weight, "to_local") else weight
 
 

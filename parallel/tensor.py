@@ -141,7 +141,8 @@ def _attention_plan(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict[
 
 def _mlp_plan(prefix: str, gated: bool, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     row_out = Shard(1) if sequence_parallel else Replicate()
-    first: dict[str, ParallelStyle] = {f"{prefix}.w13": GateUpColwise()} if gated else {f"{prefix}.w1": ColwiseParallel()}
+    first: dict[str, ParallelStyle] = ({f"{prefix}.w13": GateUpColwise()} if gated
+                                       else {f"{prefix}.w1": ColwiseParallel()})
     return {**first, f"{prefix}.w2": RowwiseParallel(output_layouts=row_out)}
 
 
