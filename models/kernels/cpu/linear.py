@@ -158,8 +158,7 @@ def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     inputs need copies into oneDNN's layout. In code that torch.compile traces too, where
     the kernels are already loaded (the op is kept whole in the graph); elsewhere this op over transposed views.
     """
-    native = cpu_native.Loaded.kernels if torch.compiler.is_compiling() else cpu_native.load()
-    if native:
+    if cpu_native.kernels_loaded():
         return torch.ops.supertrain_cpu.linear_weight_grad(grad_out, x, cpu_native.Loaded.onednn_matmul)
     return LINEAR_OP(grad_out.t(), x.t())
 

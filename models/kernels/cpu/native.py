@@ -95,6 +95,12 @@ class Loaded:
     onednn_matmul = False
 
 
+def kernels_loaded() -> bool:
+    """Whether the kernels are registered: `load()`, or under torch.compile's tracing what it found before (tracing
+    must not build, and Dynamo would trace through `load`'s cache into the build)."""
+    return Loaded.kernels if torch.compiler.is_compiling() else load()
+
+
 @functools.lru_cache(maxsize=None)  # once per process: a second registration is an error
 def _register_fake_weight_gradient() -> None:
     """The weight gradient's output for tracing, so that torch.compile keeps the op in its graphs as an external
@@ -193,22 +199,20 @@ def native_applies(*tensors: torch.Tensor, traced: bool = False) -> bool:
     torch.compile (unless `traced`: a kernel with a fake registered, which compiled graphs keep, and then only when
     the kernels were loaded before tracing), and the kernels built. Reads only types, devices and dtypes, so it
     costs nothing per call."""
-    compiling = torch.compiler.is_compiling()
-    if not NATIVE_EXPECTED or (compiling and not traced):
+    if not NATIVE_EXPECTED or (torch.compiler.is_compiling() and not traced):
         return False
     for t in tensors:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32:
             return False
-    return not torch.is_autocast_enabled("cpu") and (Loaded.kernels if compiling else load())
+    return not torch.is_autocast_enabled("cpu") and kernels_loaded()
 
 
 # ---- autograd around the ops ---------------------------------------------------------------------------------
 
 
 def _ops() -> Any:
-    """torch.ops.supertrain_cpu, built and loaded; callers check `native_applies` first (which, under tracing,
-    found them loaded: tracing must not go through `load`'s build)."""
-    if not (Loaded.kernels if torch.compiler.is_compiling() else load()):
+    """torch.ops.supertrain_cpu, built and loaded; callers check `native_applies` first."""
+    if not kernels_loaded():
         raise NativeKernelError(f"the fused CPU kernels are not available here ({ROUTE_VARIABLE}, CPU or build)")
     return torch.ops.supertrain_cpu
 
